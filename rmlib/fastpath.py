@@ -1,36 +1,28 @@
-"""Fast path for mode ``topk``: run the frozen bottom once, train the top k layers from a cache.
+"""Fast path for frozen-bottom modes (``topk``, ``frozen``): run the frozen bottom once, ever.
 
 In mode ``topk`` the embeddings and decoder layers ``[0, s)`` (s = L - k) never change, so the
-hidden state entering layer ``s`` is a fixed function of the token ids. ``BottomCache`` computes
-it once per encoded pair dataset and stores it on disk; ``CachedPairCollator`` batches it like
-``PairCollator`` (chosen rows first); ``forward_cached`` runs layers ``[s, L)`` + final norm +
-head (+ LM head for GRM log-probs) and returns the same ``RewardOutput`` as
-``RewardModel.forward``. The trainable parameters stay those of the wrapped ``RewardModel``.
+hidden state entering layer ``s`` is a fixed function of the token ids. ``BottomStore`` keeps
+these activations on disk, content-addressed: one store per frozen bottom (weights digest, start
+layer, storage dtype, autocast), one entry per prompt and per (prompt, reply). Every reward
+model built from the same backbone with the same ``s`` shares it: each loss of a sweep, each
+seed, each notebook, training pairs, held-out pairs, benchmark pairs, scenario responses and
+Best-of-N samples. Only the top ``L - s`` layers run per model (``RewardModel.forward`` with
+``hidden_in``); ``CachedPairCollator`` batches a pair dataset like ``PairCollator`` (chosen rows
+first) with the cached inputs; ``score_replies_cached`` scores any (prompt, reply) list.
 
 Exactness: a causal decoder's hidden state at a real token depends only on the tokens before it,
 and right-padded rows use position ids 0..T-1 (as ``LlamaModel.forward``), so a sequence cached
-alone gives the same top-layer inputs as the sequence inside a padded batch. Stored in fp32 the
-cached path matches the plain one to ~1e-6; the default bf16 storage rounds the layer-s input
-once (relative ~4e-3), the same order as bf16 autocast itself.
+alone gives the same top-layer inputs as the sequence inside a padded batch. Prompts run once
+with a KV cache and every reply of that prompt runs on it (positions continue after the prompt).
+Stored in fp32 the cached path matches the plain one to ~1e-6; the default bf16 storage rounds
+the layer-s input once (relative ~4e-3), the same order as bf16 autocast itself.
 
-Storage (one folder per cache, written to a temp folder and renamed into place, so a killed
-build leaves nothing that loads):
-  ``hidden.bin``  raw (total_tokens, H) np.memmap, rows [prompt | chosen | rejected] per pair
-                  (the prompt once: 35% fewer rows on HH at 256 tokens). bf16 is stored as its
-                  np.uint16 bit pattern (numpy has no bf16) and viewed back with
-                  ``Tensor.view(torch.bfloat16)`` (no copy, no conversion); fp32 as float32.
-  ``index.npz``   ``segments`` (N, 2, 4) int64: for pair i and side (0 chosen, 1 rejected) the rows
-                  [off0, off0+len0) then [off1, off1+len1) form the sequence; ``prompt_len`` (N,);
-                  ``tokens`` (total_tokens,) int32 aligned with the rows (checked by the collator).
-  ``meta.json``   fingerprint and its fields, shapes; written last.
-The key (``fingerprint``) covers the model name, config and a digest of the frozen weights, the
-start layer, max_length, the token ids in order and the build options.
-
-``prompt_kv=True`` (default) also computes each prompt once: the prompts run through the bottom
-with a KV cache, then both replies run on it (hidden states of prompt tokens do not depend on
-the reply). Measured on SmolLM2-135M, 2 threads, batch 8, interleaved: 1.00x at 256 HH pairs,
-1.16x at 768 pairs (padded tokens -26%; the two passes cost ~15% more per token): batches
-grouped by prompt and by reply length get tight only with many pairs to choose from.
+Storage: ``<cache_dir>/bottom/<store key>/`` holds ``meta.json`` (what the key covers) and
+shards ``shard-*/`` {``hidden.bin`` (rows, H) raw memmap (bf16 as its uint16 bit pattern),
+``index.npz`` (entry keys, row offsets, lengths), ``meta.json`` written last}. A shard is written
+in a temp folder and renamed into place, at most every ``shard_rows`` rows, so a killed build
+keeps every finished shard and a rerun computes only what is missing. Entry keys are BLAKE2b
+digests of the token ids (a reply's key covers its prompt: its activations depend on it).
 
 Supported decoders: Llama-style (``model_type`` in ``SUPPORTED_MODEL_TYPES``). Others raise
 ``NotImplementedError``; Gemma-3 in particular interleaves sliding-window and full-attention
@@ -45,7 +37,7 @@ import logging
 import os
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +53,7 @@ from rmlib.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-CACHE_FORMAT = 1
+STORE_FORMAT = 2
 _STORAGE = {torch.bfloat16: np.uint16, torch.float32: np.float32}  # torch dtype -> numpy storage dtype
 
 
@@ -173,7 +165,10 @@ def frozen_prefix(model: RewardModel) -> int:
 
 
 def check_frozen_below(model: RewardModel, start_layer: int) -> None:
-    """Raise ValueError if the embeddings or a layer below ``start_layer`` trains (the cache would go stale)."""
+    """Raise ValueError if the embeddings or a layer below ``start_layer`` train (cached inputs of
+    layer ``start_layer`` would go stale). Under ``torch.no_grad`` nothing trains: no check."""
+    if not torch.is_grad_enabled():
+        return
     decoder = _decoder_of(model)
     modules = [("embed_tokens", decoder.embed_tokens)] + [(f"layers.{i}", m) for i, m in
                                                           enumerate(decoder.layers[:start_layer])]
@@ -184,18 +179,12 @@ def check_frozen_below(model: RewardModel, start_layer: int) -> None:
                          f"{len(decoder.layers) - start_layer}, or the plain path")
 
 
-# -- fingerprint ------------------------------------------------------------------------------------
-def _pair_lists(encoded) -> tuple[list, list, list]:
-    return list(encoded["prompt_ids"]), list(encoded["chosen_ids"]), list(encoded["rejected_ids"])
-
-
-def _tokens_digest(prompts, chosen, rejected) -> str:
-    h = hashlib.sha256()
-    for group in (prompts, chosen, rejected):
-        lengths = np.fromiter((len(x) for x in group), dtype=np.int64, count=len(group))
-        h.update(lengths.tobytes())
-        h.update(np.fromiter((t for x in group for t in x), dtype=np.int64, count=int(lengths.sum())).tobytes())
-    return h.hexdigest()
+# -- store key ----------------------------------------------------------------------------------------
+# config fields that change what the bottom computes (a sequence-classification export and the
+# causal LM it came from differ in other fields, e.g. architectures and num_labels, but not in these)
+_CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+                "rope_parameters", "attention_bias", "mlp_bias", "vocab_size", "max_position_embeddings")
 
 
 @torch.no_grad()
@@ -213,120 +202,71 @@ def _weights_digest(decoder: nn.Module, start_layer: int, samples: int = 4096) -
     return h.hexdigest()
 
 
-def fingerprint(model: RewardModel, encoded, start_layer: int, max_length: int | None = None, *,
-                dtype: torch.dtype = torch.bfloat16, prompt_kv: bool = True, bf16_autocast: bool = True) -> dict:
-    """What a cache depends on: model name/path, its config and bottom weights, start layer,
-    max_length, the token ids (in order) and the build options. ``key["fingerprint"]`` hashes it all."""
+def store_key(model: nn.Module, start_layer: int, *, dtype: torch.dtype = torch.bfloat16,
+              bf16_autocast: bool = True) -> dict:
+    """What a store's activations depend on: the bottom's config and weights, the start layer, the
+    attention implementation, the storage dtype and autocast. ``key["store"]`` hashes it all."""
     decoder = _decoder_of(model)
-    config = decoder.config
-    name = getattr(model, "base_model", "") or getattr(config, "_name_or_path", "")
+    config = decoder.config.to_dict()
     key = {
-        "format": CACHE_FORMAT,
-        "model": str(name),
-        "config_sha": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
-        "attn_implementation": str(getattr(config, "_attn_implementation", None)),
+        "format": STORE_FORMAT,
+        "config": {k: config.get(k) for k in _CONFIG_KEYS if k in config},
+        "attn_implementation": str(getattr(decoder.config, "_attn_implementation", None)),
         "weights_sha": _weights_digest(decoder, start_layer),
         "start_layer": int(start_layer),
-        "max_length": max_length,
-        "pairs": len(encoded),
-        "tokens_sha": _tokens_digest(*_pair_lists(encoded)),
         "dtype": str(dtype).removeprefix("torch."),
-        "prompt_kv": bool(prompt_kv),
         "bf16_autocast": bool(bf16_autocast),
     }
-    key["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    key["store"] = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return key
 
 
-# -- the cache --------------------------------------------------------------------------------------
-@dataclass
-class BottomCache:
-    """Hidden states entering layer ``start_layer`` for every chosen and rejected sequence of an
-    encoded pair dataset (see module docstring for the layout). Build with ``build_or_load``."""
+def prompt_key(prompt: list[int]) -> str:
+    """Entry key of a prompt's activations: BLAKE2b-128 of its token ids."""
+    return _digest(b"p", prompt)
 
-    path: Path
-    meta: dict
-    segments: np.ndarray  # (N, 2, 4) int64: off0, len0, off1, len1 per (pair, side)
-    prompt_len: np.ndarray  # (N,) int64
-    tokens: np.ndarray  # (total_tokens,) int32, aligned with hidden rows
-    reused: bool = False  # True when build_or_load found a valid cache
-    _hidden: np.memmap | None = field(default=None, repr=False)
 
-    # -- opening ---------------------------------------------------------------------------------
-    @property
-    def start_layer(self) -> int:
-        return int(self.meta["start_layer"])
+def reply_key(prompt: list[int], reply: list[int]) -> str:
+    """Entry key of a reply's activations, which depend on its prompt too."""
+    return _digest(b"r", prompt, reply)
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.meta["hidden_size"])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.meta["dtype"])
+def _digest(kind: bytes, *parts) -> str:
+    h = hashlib.blake2b(kind, digest_size=16)
+    for part in parts:
+        a = np.asarray(part, dtype=np.int64)
+        h.update(len(a).to_bytes(8, "little"))
+        h.update(a.tobytes())
+    return h.hexdigest()
 
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
 
-    @property
-    def hidden(self) -> np.memmap:
-        """(total_tokens, H) memmap, opened lazily (also after unpickling in a dataloader worker)."""
-        if self._hidden is None:
-            self._hidden = np.memmap(self.path / "hidden.bin", dtype=_STORAGE[self.dtype], mode="r",
-                                     shape=(int(self.meta["total_tokens"]), self.hidden_size))
-        return self._hidden
+def pair_groups(encoded) -> list[tuple[list[int], list[list[int]]]]:
+    """An encoded pair dataset (``encode_pairs``) as store groups: (prompt, [chosen, rejected])."""
+    return [(list(p), [list(c), list(r)]) for p, c, r in
+            zip(encoded["prompt_ids"], encoded["chosen_ids"], encoded["rejected_ids"])]
 
-    def __getstate__(self):  # a pickled memmap would copy the whole array into every worker
-        state = dict(self.__dict__)
-        state["_hidden"] = None
-        return state
 
-    def __len__(self) -> int:
-        return len(self.prompt_len)
+# -- the store ----------------------------------------------------------------------------------------
+class BottomStore:
+    """Content-addressed activations entering layer ``start_layer`` of one frozen bottom (module
+    docstring). Open with ``BottomStore.for_model``; ``ensure`` computes what is missing."""
 
+    def __init__(self, root: Path, key: dict, hidden_size: int, model: nn.Module | None = None):
+        self.root = Path(root)
+        self.key = key
+        self.hidden_size = int(hidden_size)
+        self.model = model  # computes missing entries (None: read-only)
+        self.entries: dict[str, tuple[int, int, int]] = {}  # key -> (shard number, first row, rows)
+        self.shards: list[Path] = []
+        self._maps: list[np.memmap | None] = []
+
+    # -- opening -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BottomCache | None:
-        """The cache at ``path``, or None if there is no complete one there."""
-        path = Path(path)
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            if meta.get("format") != CACHE_FORMAT:
-                return None
-            itemsize = np.dtype(_STORAGE[getattr(torch, meta["dtype"])]).itemsize
-            if (path / "hidden.bin").stat().st_size != meta["total_tokens"] * meta["hidden_size"] * itemsize:
-                return None
-            with np.load(path / "index.npz") as index:
-                return cls(path, meta, index["segments"], index["prompt_len"], index["tokens"])
-        except (OSError, ValueError, KeyError, AttributeError, zipfile.BadZipFile):
-            return None
-
-    @classmethod
-    def build_or_load(
-        cls,
-        model: RewardModel,
-        encoded,
-        start_layer: int | None = None,
-        *,
-        path: str | os.PathLike | None = None,
-        max_length: int | None = None,
-        dtype: torch.dtype = torch.bfloat16,
-        prompt_kv: bool = True,
-        bf16_autocast: bool = True,
-        batch_size: int = 8,
-        progress: bool = True,
-    ) -> BottomCache:
-        """Reuse the cache for (model, start_layer, max_length, token ids, options) or build it.
-
-        ``encoded``: output of ``encode_pairs``; cache entry i is row i. ``start_layer`` defaults to
-        the first layer with a trainable parameter (``frozen_prefix``). ``path`` defaults to
-        ``cache_dir()/bottom_cache/<fingerprint>``; a cache found at a given ``path`` with another
-        fingerprint is rebuilt in place. ``dtype``: storage, bf16 (default, half the bytes) or
-        fp32 (exact). ``prompt_kv``: compute each prompt once (module docstring).
-        ``bf16_autocast``: run the bottom under bf16 autocast, as the trainer does with
-        ``bf16=True``. ``batch_size``: pairs per forward, length-grouped. Run it on the device the
-        model trains on (it uses the model's device).
-        """
+    def for_model(cls, model: nn.Module, start_layer: int | None = None, *, root: str | os.PathLike | None = None,
+                  dtype: torch.dtype = torch.bfloat16, bf16_autocast: bool = True) -> BottomStore:
+        """The store of ``model``'s frozen bottom (layers below ``start_layer``, default: the first
+        layer with a trainable parameter), created if new. ``root`` defaults to
+        ``cache_dir()/bottom/<key>``; a ``root`` holding another key is refused."""
         decoder = _decoder_of(model)
         check_supported(decoder)
         if dtype not in _STORAGE:
@@ -334,59 +274,241 @@ class BottomCache:
         start_layer = frozen_prefix(model) if start_layer is None else int(start_layer)
         if not 0 <= start_layer <= len(decoder.layers):
             raise ValueError(f"start_layer={start_layer} must be in [0, {len(decoder.layers)}]")
-        key = fingerprint(model, encoded, start_layer, max_length, dtype=dtype, prompt_kv=prompt_kv,
-                          bf16_autocast=bf16_autocast)
-        path = Path(path) if path is not None else cache_dir() / "bottom_cache" / key["fingerprint"][:24]
-        found = cls.load(path)
-        if found is not None and found.fingerprint == key["fingerprint"]:
-            found.reused = True
-            logger.info("reusing bottom cache %s (%d pairs, layer %d)", path, len(found), start_layer)
-            return found
-        if found is not None:
-            logger.info("bottom cache %s is stale (other model/data/options): rebuilding", path)
-        _remove_dead_temp_dirs(path)
-        t0 = time.perf_counter()
-        assets._atomic_save_dir(path, lambda tmp: _write_cache(tmp, model, encoded, key, start_layer, dtype,
-                                                                 prompt_kv, bf16_autocast, batch_size, progress))
-        cache = cls.load(path)
-        if cache is None:
-            raise RuntimeError(f"bottom cache {path} was written but does not load")
-        logger.info("built bottom cache %s in %.1f s", path, time.perf_counter() - t0)
-        return cache
+        key = store_key(model, start_layer, dtype=dtype, bf16_autocast=bf16_autocast)
+        root = Path(root) if root is not None else cache_dir() / "bottom" / key["store"][:24]
+        meta_file = root / "meta.json"
+        if meta_file.exists():
+            found = json.loads(meta_file.read_text())
+            if found.get("store") != key["store"]:
+                raise ValueError(f"{root} holds the bottom store of another model/start layer/dtype "
+                                 f"({found.get('store', '?')[:12]} != {key['store'][:12]}); use another root")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            meta = {**key, "hidden_size": decoder.config.hidden_size, "num_layers": len(decoder.layers),
+                    "model": str(getattr(model, "base_model", "") or decoder.config._name_or_path)}
+            from rmlib.results import write_json_atomic
 
-    # -- reading ---------------------------------------------------------------------------------
-    def sequence(self, i: int, side: int) -> tuple[np.ndarray, torch.Tensor, int]:
-        """(token ids (n,), hidden (n, H) in ``self.dtype``, prompt length) of pair i, side 0/1."""
-        off0, len0, off1, len1 = (int(x) for x in self.segments[i, side])
-        tokens = np.concatenate([self.tokens[off0 : off0 + len0], self.tokens[off1 : off1 + len1]])
-        rows = np.concatenate([self.hidden[off0 : off0 + len0], self.hidden[off1 : off1 + len1]])
+            write_json_atomic(meta_file, meta)
+        store = cls(root, key, decoder.config.hidden_size, model)
+        return store.refresh()
+
+    @property
+    def start_layer(self) -> int:
+        return int(self.key["start_layer"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.key["dtype"])
+
+    @property
+    def rows(self) -> int:
+        """Rows stored over all shards."""
+        return sum(n for _, _, n in self.entries.values())
+
+    def refresh(self) -> BottomStore:
+        """Read the index of every complete shard not read yet (also those other processes wrote)."""
+        known = {p.name for p in self.shards}
+        for shard in sorted(self.root.glob("shard-*")):
+            if shard.name in known or not (shard / "meta.json").exists():
+                continue
+            try:
+                with np.load(shard / "index.npz") as index:
+                    keys, offsets, lengths = index["keys"], index["offsets"], index["lengths"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                logger.warning("skipping unreadable bottom-store shard %s", shard)
+                continue
+            number = len(self.shards)
+            self.shards.append(shard)
+            self._maps.append(None)
+            for k, off, n in zip(keys.tolist(), offsets.tolist(), lengths.tolist()):
+                self.entries.setdefault(k, (number, off, n))
+        return self
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getstate__(self):  # memmaps are reopened lazily (e.g. in a dataloader worker)
+        state = dict(self.__dict__)
+        state["_maps"] = [None] * len(self._maps)
+        return state
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _rows(self, key: str) -> np.ndarray:
+        shard, off, n = self.entries[key]
+        if self._maps[shard] is None:
+            meta = json.loads((self.shards[shard] / "meta.json").read_text())
+            self._maps[shard] = np.memmap(self.shards[shard] / "hidden.bin", dtype=_STORAGE[self.dtype], mode="r",
+                                          shape=(int(meta["rows"]), self.hidden_size))
+        return self._maps[shard][off : off + n]
+
+    def sequence(self, prompt: list[int], reply: list[int]) -> torch.Tensor:
+        """Stored input of layer ``start_layer`` for prompt + reply: (len(prompt) + len(reply), H)."""
+        pk, rk = prompt_key(prompt), reply_key(prompt, reply)
+        if pk not in self.entries or rk not in self.entries:
+            raise KeyError(f"a sequence ({len(prompt)} prompt + {len(reply)} reply tokens) is not in the bottom "
+                           f"store {self.root}: call ensure() with it first")
+        rows = np.concatenate([self._rows(pk), self._rows(rk)])
         hidden = torch.from_numpy(rows)
-        if self.dtype == torch.bfloat16:
-            hidden = hidden.view(torch.bfloat16)
-        return tokens, hidden, int(self.prompt_len[i])
+        return hidden.view(torch.bfloat16) if self.dtype == torch.bfloat16 else hidden
 
-    def check_model(self, model: RewardModel) -> None:
-        """Raise ValueError if ``model``'s frozen bottom is not the one this cache was built from,
-        or if a layer below ``start_layer`` trains."""
-        check_frozen_below(model, self.start_layer)
-        if _weights_digest(_decoder_of(model), self.start_layer) != self.meta["weights_sha"]:
-            raise ValueError(f"bottom cache {self.path} was built from other bottom weights than this model's")
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if ``model``'s bottom is not this store's (other weights or config)."""
+        key = store_key(model, self.start_layer, dtype=self.dtype, bf16_autocast=self.key["bf16_autocast"])
+        if key["store"] != self.key["store"]:
+            raise ValueError(f"bottom store {self.root} was built from other bottom weights/config than this model's")
+
+    # -- computing ---------------------------------------------------------------------------------
+    def missing(self, groups) -> list[tuple[list[int], bool, list[list[int]]]]:
+        """What ``ensure`` would compute: [(prompt, prompt rows missing, missing replies)]."""
+        todo: dict[str, tuple[list[int], bool, dict[str, list[int]]]] = {}
+        for g, (prompt, replies) in enumerate(groups):
+            prompt = [int(t) for t in prompt]
+            if len(prompt) == 0:
+                raise ValueError(f"group {g}: empty prompt (the store keys replies by their prompt)")
+            pk = prompt_key(prompt)
+            entry = todo.get(pk)
+            for r, reply in enumerate(replies):
+                if len(reply) == 0:
+                    raise ValueError(f"group {g}, reply {r}: empty reply")
+                reply = [int(t) for t in reply]
+                rk = reply_key(prompt, reply)
+                if rk in self.entries:
+                    continue
+                if entry is None:
+                    entry = todo[pk] = (prompt, pk not in self.entries, {})
+                entry[2][rk] = reply
+            if entry is None and pk not in self.entries:
+                todo[pk] = (prompt, True, {})
+        return [(p, need, list(replies.values())) for p, need, replies in todo.values()]
+
+    @torch.no_grad()
+    def ensure(self, groups, *, batch_tokens: int = 4096, shard_rows: int = 1 << 17, progress: bool = True,
+               desc: str = "") -> int:
+        """Compute and store every (prompt, reply) of ``groups`` = [(prompt ids, [reply ids, ...])] not
+        stored yet; returns the number of replies computed. ``batch_tokens`` bounds the padded reply
+        tokens (and prompt tokens) of one forward; a shard is committed every ``shard_rows`` rows."""
+        if self.model is None:
+            raise RuntimeError(f"bottom store {self.root} was opened without a model: it cannot compute")
+        self.refresh()
+        todo = self.missing(groups)
+        if not todo:
+            return 0
+        _remove_dead_temp_dirs(self.root)
+        batches = _plan_batches(todo, batch_tokens)
+        n_replies = sum(len(b[2]) for batch in batches for b in batch)
+        bar = tqdm(total=n_replies, unit="seq", disable=not progress,
+                   desc=desc or f"caching the input of layer {self.start_layer}")
+        decoder = _decoder_of(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            shard: list = []
+            rows = 0
+            for batch in batches:
+                shard.append(batch)
+                rows += sum(len(p) * need + sum(len(r) for r in replies) for p, need, replies in batch)
+                if rows >= shard_rows:
+                    self._write_shard(decoder, shard, rows, bar)
+                    shard, rows = [], 0
+            if shard:
+                self._write_shard(decoder, shard, rows, bar)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        self.refresh()
+        return n_replies
+
+    def _write_shard(self, decoder: nn.Module, batches: list, rows: int, bar) -> None:
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{os.urandom(3).hex()}"  # sorts in creation order
+
+        def write(tmp: Path) -> None:
+            (tmp / "builder.pid").write_text(str(os.getpid()))
+            out = np.memmap(tmp / "hidden.bin", dtype=_STORAGE[self.dtype], mode="w+", shape=(rows, self.hidden_size))
+            keys, offsets, lengths = [], [], []
+            cursor = 0
+
+            def store(key: str, h: torch.Tensor) -> None:  # (n, H) -> the next n rows
+                nonlocal cursor
+                h = h.to(self.dtype).cpu()
+                out[cursor : cursor + h.shape[0]] = (h.view(torch.uint16) if self.dtype == torch.bfloat16 else h).numpy()
+                keys.append(key)
+                offsets.append(cursor)
+                lengths.append(h.shape[0])
+                cursor += h.shape[0]
+
+            device = decoder.embed_tokens.weight.device
+            for batch in batches:
+                prompts = [p for p, _, _ in batch]
+                replies = [r for _, _, rs in batch for r in rs]
+                owner = [i for i, (_, _, rs) in enumerate(batch) for _ in rs]
+                with _autocast(device, self.key["bf16_autocast"]):
+                    h_prompt, h_reply = bottom_prompt_replies(decoder, prompts, replies, owner, self.start_layer)
+                for i, (p, need, _) in enumerate(batch):
+                    if need:
+                        store(prompt_key(p), h_prompt[i, : len(p)])
+                for j, reply in enumerate(replies):
+                    store(reply_key(prompts[owner[j]], reply), h_reply[j, : len(reply)])
+                bar.update(len(replies))
+            assert cursor == rows, (cursor, rows)
+            out.flush()
+            del out
+            np.savez(tmp / "index.npz", keys=np.array(keys), offsets=np.array(offsets, np.int64),
+                     lengths=np.array(lengths, np.int64))
+            (tmp / "builder.pid").unlink()
+            (tmp / "meta.json").write_text(json.dumps({"rows": rows, "entries": len(keys),
+                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+        assets._atomic_save_dir(self.root / name, write)
+        self.refresh()
 
 
-def add_cache_index(encoded):
-    """``encoded`` with a ``cache_index`` column (row i -> cache entry i), for ``CachedPairCollator``."""
-    if "cache_index" in encoded.column_names:
-        encoded = encoded.remove_columns("cache_index")
-    return encoded.add_column("cache_index", list(range(len(encoded))))
+def _plan_batches(todo, batch_tokens: int, window: int = 32) -> list[list[tuple[list[int], bool, list[list[int]]]]]:
+    """Forward batches for ``todo`` = [(prompt, prompt rows missing, replies)], padding kept small.
+
+    A batch costs (prompts x longest prompt) + (replies x longest reply) tokens. Prompts are sorted
+    by length, and within windows of ``window`` batches by their longest reply; a prompt with many
+    replies (Best-of-N samples) is split into chunks that fit ``batch_tokens`` (its prompt then runs
+    once per chunk, its rows stored once)."""
+    items = []
+    for prompt, need, replies in todo:
+        replies = sorted(replies, key=len, reverse=True)
+        if not replies:
+            items.append((prompt, need, []))
+            continue
+        chunk: list[list[int]] = []
+        for reply in replies:
+            if chunk and (len(chunk) + 1) * len(chunk[0]) > batch_tokens:
+                items.append((prompt, need, chunk))
+                need, chunk = False, []
+            chunk.append(reply)
+        items.append((prompt, need, chunk))
+    items.sort(key=lambda it: -len(it[0]))
+    longest_reply = lambda it: max((len(r) for r in it[2]), default=0)  # noqa: E731
+    ordered = []
+    step = max(1, window * max(1, batch_tokens // 512))
+    for k in range(0, len(items), step):
+        ordered += sorted(items[k : k + step], key=lambda it: -longest_reply(it))
+    batches, batch = [], []
+    max_p = max_r = n_r = 0
+    for it in ordered:
+        p, r, k = max(max_p, len(it[0])), max(max_r, longest_reply(it)), n_r + len(it[2])
+        if batch and ((len(batch) + 1) * p > batch_tokens or k * r > batch_tokens):
+            batches.append(batch)
+            batch, p, r, k = [], len(it[0]), longest_reply(it), len(it[2])
+        batch.append(it)
+        max_p, max_r, n_r = p, r, k
+    if batch:
+        batches.append(batch)
+    return batches
 
 
-def _remove_dead_temp_dirs(final: Path) -> None:
-    """Remove temp folders of builds of ``final`` whose process is gone (a killed build's leftovers)."""
+def _remove_dead_temp_dirs(root: Path) -> None:
+    """Remove temp shard folders whose builder process is gone (a killed build's leftovers)."""
     import shutil
 
-    if not final.parent.is_dir():
+    if not root.is_dir():
         return
-    for tmp in final.parent.glob(f".{final.name}.tmp*"):
+    for tmp in root.glob(".shard-*.tmp*"):
         try:
             pid = int((tmp / "builder.pid").read_text())
             os.kill(pid, 0)  # alive: another build in progress, leave it
@@ -397,39 +519,6 @@ def _remove_dead_temp_dirs(final: Path) -> None:
             if time.time() - tmp.stat().st_mtime < 24 * 3600:
                 continue  # no pid yet (just created) and recent: leave it
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _layout(prompts, chosen, rejected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row layout [prompt | chosen | rejected] per pair: segments (N, 2, 4), prompt_len (N,), tokens (total,)."""
-    n = len(prompts)
-    segments = np.zeros((n, 2, 4), np.int64)
-    prompt_len = np.array([len(p) for p in prompts], np.int64)
-    off = 0
-    for i in range(n):
-        p, c, r = len(prompts[i]), len(chosen[i]), len(rejected[i])
-        segments[i, 0] = (off, p, off + p, c)
-        segments[i, 1] = (off, p, off + p + c, r)
-        off += p + c + r
-    tokens = np.fromiter((t for i in range(n) for x in (prompts[i], chosen[i], rejected[i]) for t in x),
-                         dtype=np.int32, count=off)
-    return segments, prompt_len, tokens
-
-
-def _build_order(prompt_len: np.ndarray, reply_len: np.ndarray, batch_size: int, prompt_kv: bool,
-                 window: int = 32) -> np.ndarray:
-    """Pair order for the build batches, grouped so that padding stays small.
-
-    Full sequences: by total length. ``prompt_kv``: a batch costs B * max prompt + 2B * max reply
-    tokens, so sort by prompt length, then by reply length within windows of ``window`` batches
-    (2,303 HH pairs at 256 tokens, batch 8: 574k padded tokens vs 811k for full sequences; a
-    total-length sort would give 887k; 473k are real).
-    """
-    if not prompt_kv or len(prompt_len) == 0:
-        return np.argsort(-(prompt_len + reply_len), kind="stable")
-    by_prompt = np.argsort(-prompt_len, kind="stable")
-    step = window * batch_size
-    return np.concatenate([chunk[np.argsort(-reply_len[chunk], kind="stable")]
-                           for chunk in (by_prompt[k : k + step] for k in range(0, len(by_prompt), step))])
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -444,146 +533,127 @@ def _padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def bottom_pairs(decoder: nn.Module, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
-                 start_layer: int, prompt_kv: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Hidden states entering ``start_layer`` for B pairs: [(prompt (p, H), chosen (c, H), rejected (r, H))].
+def bottom_prompt_replies(decoder: nn.Module, prompts: list[list[int]], replies: list[list[int]], owner: list[int],
+                          start_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states entering ``start_layer`` for P prompts and R replies, reply j continuing
+    prompt ``owner[j]``: (P, max prompt, H) and (R, max reply, H), right-padded.
 
-    ``prompt_kv``: the prompts run once (B, P) keeping their keys/values, then both replies run on
-    that KV cache (2B, R) with positions continuing after each prompt. Otherwise the 2B full
-    sequences run (2B, P + R) and the prompt part of the chosen row is kept.
-    """
+    The prompts run once (P, T_p) keeping their keys/values; the KV rows are gathered per reply
+    and the replies run on them (R, T_r) with positions continuing after their prompt."""
     from transformers import DynamicCache
 
     device = decoder.embed_tokens.weight.device
-    b = len(prompts)
-    p_len = [len(p) for p in prompts]
-    if prompt_kv:
-        ids, mask = _padded(prompts, device)  # (B, P)
-        kv = DynamicCache()
-        h_prompt = run_layers(decoder, decoder.embed_tokens(ids), mask, 0, start_layer, past_key_values=kv)  # (B, P, H)
-        kv.batch_repeat_interleave(2)  # rows (p0, p0, p1, p1, ...)
-        r_ids, r_mask = _padded([x for i in range(b) for x in (chosen[i], rejected[i])], device)  # (2B, R)
-        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), r_mask], dim=1)  # (2B, P + R)
-        pos = torch.tensor(p_len, device=device).repeat_interleave(2)[:, None] + torch.arange(r_ids.shape[1],
-                                                                                              device=device)
-        h_reply = run_layers(decoder, decoder.embed_tokens(r_ids), full_mask, 0, start_layer,
-                                      position_ids=pos, past_key_values=kv)  # (2B, R, H)
-        return [(h_prompt[i, : p_len[i]], h_reply[2 * i, : len(chosen[i])], h_reply[2 * i + 1, : len(rejected[i])])
-                for i in range(b)]
-    ids, mask = _padded([prompts[i] + x for i in range(b) for x in (chosen[i], rejected[i])], device)  # (2B, T)
-    h = run_layers(decoder, decoder.embed_tokens(ids), mask, 0, start_layer)  # (2B, T, H)
-    return [(h[2 * i, : p_len[i]], h[2 * i, p_len[i] : p_len[i] + len(chosen[i])],
-             h[2 * i + 1, p_len[i] : p_len[i] + len(rejected[i])]) for i in range(b)]
+    ids, mask = _padded(prompts, device)  # (P, T_p)
+    kv = DynamicCache()
+    h_prompt = run_layers(decoder, decoder.embed_tokens(ids), mask, 0, start_layer, past_key_values=kv)
+    if not replies:
+        return h_prompt, h_prompt.new_zeros(0, 0, h_prompt.shape[-1])
+    index = torch.tensor(owner, device=device)
+    kv.reorder_cache(index)  # (R, ...): each reply's prompt keys/values
+    r_ids, r_mask = _padded(replies, device)  # (R, T_r)
+    full_mask = torch.cat([mask[index], r_mask], dim=1)  # (R, T_p + T_r)
+    p_len = torch.tensor([len(p) for p in prompts], device=device)[index]
+    pos = p_len[:, None] + torch.arange(r_ids.shape[1], device=device)  # (R, T_r)
+    h_reply = run_layers(decoder, decoder.embed_tokens(r_ids), full_mask, 0, start_layer, position_ids=pos,
+                         past_key_values=kv)
+    return h_prompt, h_reply
 
 
-@torch.no_grad()
-def _write_cache(tmp: Path, model, encoded, key: dict, start_layer: int, dtype: torch.dtype, prompt_kv: bool,
-                 bf16_autocast: bool, batch_size: int, progress: bool) -> None:
-    (tmp / "builder.pid").write_text(str(os.getpid()))
-    decoder = _decoder_of(model)
-    device = decoder.embed_tokens.weight.device
-    prompts, chosen, rejected = _pair_lists(encoded)
-    segments, prompt_len, tokens = _layout(prompts, chosen, rejected)
-    hidden_size = decoder.config.hidden_size
-    out = np.memmap(tmp / "hidden.bin", dtype=_STORAGE[dtype], mode="w+", shape=(max(len(tokens), 1), hidden_size))
+# -- choosing the path ---------------------------------------------------------------------------------
+def store_for(model: nn.Module, *, bf16_autocast: bool = True) -> BottomStore | None:
+    """The bottom store a reward model scores and trains through, or None for the plain path.
 
-    def store(rows: torch.Tensor, offset: int) -> None:  # (n, H) -> hidden.bin[offset : offset + n]
-        rows = rows.to(dtype).cpu()
-        out[offset : offset + rows.shape[0]] = (rows.view(torch.uint16) if dtype == torch.bfloat16 else rows).numpy()
-
-    n = len(prompts)
-    reply_len = np.array([max(len(c), len(r)) for c, r in zip(chosen, rejected)], np.int64)
-    order = _build_order(prompt_len, reply_len, batch_size, prompt_kv)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=n, desc=f"caching the input of layer {start_layer}", unit="pair", disable=not progress)
-    try:
-        for b0 in range(0, n, batch_size):
-            idx = order[b0 : b0 + batch_size].tolist()
-            with _autocast(device, bf16_autocast):
-                parts = bottom_pairs(decoder, [prompts[i] for i in idx], [chosen[i] for i in idx],
-                                     [rejected[i] for i in idx], start_layer, prompt_kv)
-            for i, (h_p, h_c, h_r) in zip(idx, parts):
-                store(h_p, segments[i, 0, 0])
-                store(h_c, segments[i, 0, 2])
-                store(h_r, segments[i, 1, 2])
-            bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
-    out.flush()
-    del out
-    np.savez(tmp / "index.npz", segments=segments, prompt_len=prompt_len, tokens=tokens)
-    meta = {**key, "hidden_size": hidden_size, "total_tokens": int(max(len(tokens), 1)),
-            "num_layers": len(decoder.layers), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / "builder.pid").unlink()
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a complete cache
+    Used when the model's bottom is frozen (``model.frozen_layers`` > 0: modes ``topk`` and
+    ``frozen``, also after ``load_reward_model``), the decoder is supported, and the environment
+    variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32."""
+    if os.environ.get("RMLIB_FASTPATH", "1") == "0" or not isinstance(model, RewardModel):
+        return None
+    start = int(getattr(model, "frozen_layers", 0) or 0)
+    if start <= 0 or not supported(model):
+        return None
+    dtype = torch.bfloat16 if bf16_autocast else torch.float32
+    return BottomStore.for_model(model, start, dtype=dtype, bf16_autocast=bf16_autocast)
 
 
-# -- batching and the forward ------------------------------------------------------------------------
+# -- batching and the forward --------------------------------------------------------------------------
 @dataclass
 class CachedPairCollator:
-    """Batch B rows carrying ``cache_index`` into 2B right-padded sequences, chosen rows first
-    (the layout of ``PairCollator``): input_ids, attention_mask, response_mask (2B, T),
-    hidden_in (2B, T, H) in the cache dtype (zeros on padding), start_layer (int).
+    """Batch B encoded pairs into 2B right-padded sequences, chosen rows first (the layout of
+    ``PairCollator``): input_ids, attention_mask, response_mask (2B, T), hidden_in (2B, T, H) in the
+    store dtype (zeros on padding), start_layer (int). Every pair must be in the store."""
 
-    When rows also carry prompt_ids/chosen_ids/rejected_ids they are checked against the cached
-    token ids (a row pointing at the wrong cache entry raises ValueError).
-    """
-
-    cache: BottomCache
+    store: BottomStore
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
 
     def __call__(self, features: list[dict]) -> dict:
         seqs, resp, hiddens = [], [], []
-        for side, key in enumerate(("chosen_ids", "rejected_ids")):
+        for key in ("chosen_ids", "rejected_ids"):
             for f in features:
-                i = int(f["cache_index"])
-                tokens, hidden, p = self.cache.sequence(i, side)
-                if "prompt_ids" in f and (len(tokens) != len(f["prompt_ids"]) + len(f[key])
-                                          or tokens.tolist() != list(f["prompt_ids"]) + list(f[key])):
-                    raise ValueError(f"row with cache_index={i} does not match the cached tokens of {self.cache.path}"
-                                     " (cache built from another dataset? rebuild it, then add_cache_index)")
-                seqs.append(tokens.tolist())
-                resp.append([0] * p + [1] * (len(tokens) - p))
-                hiddens.append(hidden)
-        batch = pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of)
-        n, t = batch["input_ids"].shape
-        hidden_in = torch.zeros(n, t, self.cache.hidden_size, dtype=self.cache.dtype)  # (2B, T, H)
-        for row, h in enumerate(hiddens):
-            hidden_in[row, : h.shape[0]] = h
-        batch["hidden_in"] = hidden_in
-        batch["start_layer"] = self.cache.start_layer
-        return batch
+                prompt, reply = list(f["prompt_ids"]), list(f[key])
+                hiddens.append(self.store.sequence(prompt, reply))
+                seqs.append(prompt + reply)
+                resp.append([0] * len(prompt) + [1] * len(reply))
+        return _with_hidden(pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of), hiddens, self.store)
+
+
+def _with_hidden(batch: dict, hiddens: list[torch.Tensor], store: BottomStore) -> dict:
+    n, t = batch["input_ids"].shape
+    hidden_in = torch.zeros(n, t, store.hidden_size, dtype=store.dtype)  # (N, T, H)
+    for row, h in enumerate(hiddens):
+        hidden_in[row, : h.shape[0]] = h
+    batch["hidden_in"] = hidden_in
+    batch["start_layer"] = store.start_layer
+    return batch
 
 
 def forward_cached(model: RewardModel, batch: dict, response_mask: torch.Tensor | None = None,
                    return_logps: bool = False) -> RewardOutput:
-    """``RewardModel.forward`` from a ``CachedPairCollator`` batch: layers [s, L) + norm + head.
+    """``RewardModel.forward`` on a ``CachedPairCollator`` batch (layers [s, L) + norm + head).
 
-    ``response_mask`` defaults to ``batch["response_mask"]`` (pass the trainer's chosen-only mask
-    to skip the LM head on rejected rows). Autocast is the caller's (the HF Trainer applies it
-    only inside ``model.forward``: wrap this call in ``accelerator.autocast()``).
-    """
-    start = int(batch["start_layer"])
-    check_frozen_below(model, start)
-    decoder = model.decoder
-    weight = decoder.embed_tokens.weight  # the residual stream's dtype in the plain path
-    ids, mask = batch["input_ids"].to(weight.device), batch["attention_mask"].to(weight.device)
-    hidden_in = batch["hidden_in"].to(device=weight.device, dtype=weight.dtype)  # (N, T, H)
-    hidden = top_forward(model, hidden_in, mask, start)  # (N, T, H)
-    h = pool_last_token(hidden, mask)  # (N, H)
-    rewards = model.head(h).squeeze(-1).float()  # (N,)
-    logps = None
-    if return_logps:
-        response_mask = batch["response_mask"] if response_mask is None else response_mask
-        logps = response_logps(model.lm_head, hidden, ids, response_mask.to(weight.device))
-    return RewardOutput(rewards=rewards, hidden=h, logps=logps)
+    ``response_mask`` defaults to ``batch["response_mask"]``. Autocast is the caller's."""
+    response_mask = batch["response_mask"] if response_mask is None else response_mask
+    return model(batch["input_ids"], batch["attention_mask"], response_mask, return_logps=return_logps,
+                 hidden_in=batch["hidden_in"], start_layer=int(batch["start_layer"]))
+
+
+@torch.no_grad()
+def score_replies_cached(model: RewardModel, store: BottomStore, prompts: list[list[int]], replies: list[list[int]],
+                         batch_size: int = 16, bf16: bool = True, progress: bool = True, return_hidden: bool = False,
+                         desc: str = "scoring") -> tuple[np.ndarray, np.ndarray | None]:
+    """Rewards (N,) (and last-token hidden states (N, H)) of prompt[i] + reply[i], through ``store``:
+    missing activations are computed first, then only the top layers run, length-grouped."""
+    groups = [(p, [r]) for p, r in zip(prompts, replies)]
+    store.ensure(groups, progress=progress, desc=f"{desc}: caching layer {store.start_layer} input")
+    n = len(prompts)
+    rewards = np.zeros(n, np.float32)
+    hidden = None
+    device = next(model.parameters()).device
+    order = np.argsort(-np.array([len(p) + len(r) for p, r in zip(prompts, replies)]), kind="stable")
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
+            idx = order[b0 : b0 + batch_size].tolist()
+            seqs = [list(prompts[i]) + list(replies[i]) for i in idx]
+            batch = pad_sequences(seqs, [[0] * len(s) for s in seqs], pad_token_id=0)
+            batch = _with_hidden(batch, [store.sequence(list(prompts[i]), list(replies[i])) for i in idx], store)
+            with _autocast(device, bf16):
+                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                            hidden_in=batch["hidden_in"].to(device), start_layer=store.start_layer)
+            rewards[idx] = out.rewards.float().cpu().numpy()
+            if return_hidden:
+                h = out.hidden.float().cpu().numpy()
+                if hidden is None:
+                    hidden = np.zeros((n, h.shape[1]), np.float32)
+                hidden[idx] = h
+    finally:
+        model.train(was_training)
+    return rewards, hidden
 
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "BottomCache", "CachedPairCollator", "add_cache_index", "bottom_forward",
-    "bottom_pairs", "check_frozen_below", "check_supported", "fingerprint", "forward_cached", "frozen_prefix",
-    "run_layers", "supported", "top_forward",
+    "SUPPORTED_MODEL_TYPES", "BottomStore", "CachedPairCollator", "bottom_forward", "bottom_prompt_replies",
+    "check_frozen_below", "check_supported", "forward_cached", "frozen_prefix", "pair_groups", "prompt_key",
+    "reply_key", "run_layers", "score_replies_cached", "store_for", "store_key", "supported", "top_forward",
 ]

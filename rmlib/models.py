@@ -90,6 +90,7 @@ class RewardModel(nn.Module):
         self.keep_lm_head = keep_lm_head
         self.base_model = base_model
         self.head = make_head(head, self.config.hidden_size)
+        self.frozen_layers = 0  # decoder layers (with the embeddings) that never train: see apply_mode
         self._reference: list[nn.Module] = []  # frozen reference LM for the DPO regularizer, unregistered
 
     # -- structure -------------------------------------------------------------------------
@@ -122,8 +123,21 @@ class RewardModel(nn.Module):
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor | None = None,
         return_logps: bool = False,
+        hidden_in: torch.Tensor | None = None,
+        start_layer: int | None = None,
     ) -> RewardOutput:
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        """Rewards (N,) of right- or left-padded sequences (N, T); ``return_logps``: also the summed
+        response-token log-probs (needs ``response_mask``). ``hidden_in`` (N, T, H): the stored input
+        of decoder layer ``start_layer`` (``rmlib.fastpath``), so only the layers above it run."""
+        if hidden_in is not None:
+            from rmlib.fastpath import check_frozen_below, top_forward
+
+            check_frozen_below(self, start_layer)
+            weight = self.decoder.embed_tokens.weight  # the residual stream's dtype in the plain path
+            hidden = top_forward(self, hidden_in.to(device=weight.device, dtype=weight.dtype), attention_mask,
+                                 start_layer)
+        else:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         h = pool_last_token(hidden, attention_mask)  # (N, H)
         rewards = self.head(h).squeeze(-1).float()  # (N,)
         logps = None
@@ -216,6 +230,8 @@ def apply_mode(model: RewardModel, spec: ModelSpec) -> RewardModel:
                 p.requires_grad_(True)
     for p in model.head.parameters():
         p.requires_grad_(True)
+    n_layers = len(model.decoder.layers)
+    model.frozen_layers = {"topk": n_layers - spec.top_k_layers, "frozen": n_layers}.get(spec.mode, 0)
     return model
 
 
@@ -255,7 +271,7 @@ def save_reward_model(
     out_dir = Path(out_dir)
     lm = _merged_causal_lm(model)
     meta = {"head": model.head_kind, "keep_lm_head": model.keep_lm_head, "base_model": model.base_model,
-            "dtype": str(dtype).removeprefix("torch."), "extra": extra or {}}
+            "frozen_layers": model.frozen_layers, "dtype": str(dtype).removeprefix("torch."), "extra": extra or {}}
 
     def write(tmp: Path) -> None:
         tied = bool(getattr(lm.config, "tie_word_embeddings", False))
@@ -315,8 +331,21 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     else:
         model.head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path / HEAD_WEIGHTS)).items()})
     model.to(dtype)
+    freeze_bottom(model, int(meta.get("frozen_layers", 0)))
     model.rmlib_meta = meta
     return model.eval()
+
+
+def freeze_bottom(model: RewardModel, layers: int) -> RewardModel:
+    """Freeze the embeddings and the bottom ``layers`` decoder layers (as trained in mode topk/frozen),
+    so the model scores (and trains further) through the shared bottom store of ``rmlib.fastpath``."""
+    if layers <= 0:
+        return model
+    for module in [model.decoder.embed_tokens, *list(model.decoder.layers)[:layers]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    model.frozen_layers = layers
+    return model
 
 
 def spec_dict(spec: ModelSpec) -> dict:

@@ -247,8 +247,8 @@ def _messages(row) -> list[dict]:
 
 
 def response_token_sequences(tokenizer, responses_df: pd.DataFrame, max_length: int = 256,
-                             min_prompt_tokens: int = 32) -> list[list[int]]:
-    """prompt + reply token ids per response (chat template), fitted as in training: prompt cut
+                             min_prompt_tokens: int = 32) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reply) token ids per response (chat template), fitted as in training: prompt cut
     from the LEFT, the reply kept whole unless it alone exceeds ``max_length - min_prompt_tokens``."""
     from rmlib.encoding import format_prompt, format_reply, truncate_pair
 
@@ -262,21 +262,22 @@ def response_token_sequences(tokenizer, responses_df: pd.DataFrame, max_length: 
         p_text, p = prompt_cache[key]
         r = tokenizer(format_reply(tokenizer, msgs, row["output"], p_text), add_special_tokens=False)["input_ids"]
         p, r, _, _, _ = truncate_pair(p, r, r, max_length, min_prompt_tokens)
-        seqs.append(list(p) + list(r))
+        seqs.append((list(p), list(r)))
     return seqs
 
 
 def score_responses(model, tokenizer, responses_df: pd.DataFrame, max_length: int = 256, batch_size: int = 16,
                     bf16: bool = True, progress: bool = True) -> np.ndarray:
     """Reward of every response (row order): chat-formatted prompt (``messages`` column if
-    present, else ``instruction`` as one user turn) + reply, via ``score_token_sequences``."""
-    from rmlib.scoring import score_token_sequences
+    present, else ``instruction`` as one user turn) + reply, via ``score_replies`` (a frozen-bottom
+    model scores through the shared bottom store)."""
+    from rmlib.scoring import score_replies
 
     if len(responses_df) == 0:
         return np.zeros(0, np.float32)
-    seqs = response_token_sequences(tokenizer, responses_df, max_length)
-    return score_token_sequences(model, seqs, batch_size=batch_size, bf16=bf16, progress=progress,
-                                 desc="scoring responses")
+    prompts, replies = zip(*response_token_sequences(tokenizer, responses_df, max_length))
+    return score_replies(model, list(prompts), list(replies), batch_size=batch_size, bf16=bf16, progress=progress,
+                         desc="scoring responses")[0]
 
 
 def _pair_response_ids(pairs: Dataset) -> tuple[list[str], list[str]]:

@@ -1,7 +1,10 @@
 """Batched, length-grouped reward scoring (forward only, bf16 autocast by default).
 
-Sequences are sorted by length before batching so padding stays small, then the scores are put
-back in the input order. A progress bar shows long runs.
+One entry point, ``score_replies(model, prompts, replies)``, picks the path: a reward model whose
+bottom is frozen (modes ``topk``/``frozen``, ``rmlib.fastpath.store_for``) scores through the
+shared bottom store (only the top layers run per model); any other model runs whole sequences,
+sorted by length so padding stays small, with the scores put back in input order.
+``score_pairs`` and ``score_token_sequences`` are views of it. A progress bar shows long runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rmlib.encoding import PairCollator, pad_sequences
+from rmlib.encoding import pad_sequences
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -33,60 +36,80 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def score_replies(model, prompts: list[list[int]], replies: list[list[int]], batch_size: int = 16,
+                  bf16: bool = True, progress: bool = True, return_hidden: bool = False, desc: str = "scoring",
+                  use_store: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rewards (N,) float32 of ``prompts[i] + replies[i]`` (token ids), in input order, and with
+    ``return_hidden`` the last-token hidden states (N, H) float32 (else None).
+
+    ``use_store=False`` forces the plain path (the fast path is tested against it)."""
+    from rmlib import fastpath
+
+    if len(prompts) != len(replies):
+        raise ValueError(f"prompts and replies differ in length ({len(prompts)} vs {len(replies)})")
+    store = fastpath.store_for(model, bf16_autocast=bf16) if use_store else None
+    if store is not None:
+        return fastpath.score_replies_cached(model, store, prompts, replies, batch_size=batch_size, bf16=bf16,
+                                             progress=progress, return_hidden=return_hidden, desc=desc)
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    n = len(prompts)
+    rewards = np.zeros(n, np.float32)
+    hidden = None
+    seqs_all = [list(p) + list(r) for p, r in zip(prompts, replies)]
+    try:
+        for idx in tqdm(_length_batches([len(s) for s in seqs_all], batch_size), desc=desc, disable=not progress,
+                        unit="batch"):
+            seqs = [seqs_all[i] for i in idx]
+            batch = pad_sequences(seqs, [[0] * len(s) for s in seqs], pad_token_id=0)
+            with autocast(device, bf16):
+                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            rewards[idx] = out.rewards.float().cpu().numpy()
+            if return_hidden:
+                h = out.hidden.float().cpu().numpy()
+                if hidden is None:
+                    hidden = np.zeros((n, h.shape[1]), np.float32)
+                hidden[idx] = h
+    finally:
+        model.train(was_training)
+    return rewards, hidden
+
+
 def score_pairs(model, encoded, batch_size: int = 8, bf16: bool = True, progress: bool = True,
-                return_hidden: bool = False, desc: str = "scoring pairs") -> dict[str, np.ndarray]:
+                return_hidden: bool = False, desc: str = "scoring pairs", use_store: bool = True) -> dict[str, np.ndarray]:
     """Rewards of chosen and rejected replies for an encoded pair dataset (see ``encode_pairs``).
 
     Returns ``{"chosen": (N,), "rejected": (N,)}`` and, with ``return_hidden``, the last-token
-    hidden states ``hidden_chosen``/``hidden_rejected`` (N, H) as float32.
-    """
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    n = len(encoded)
-    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    hidden_c = hidden_r = None
-    collate = PairCollator(pad_token_id=0)
-    rows = encoded.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    lengths = encoded["length"] if "length" in encoded.column_names else [0] * n
-    batches = _length_batches(lengths, batch_size)
-    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        batch = collate([rows[i] for i in idx])
-        with autocast(device, bf16):
-            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        r = out.rewards.float().cpu().numpy()
-        b = len(idx)
-        chosen[idx], rejected[idx] = r[:b], r[b:]
-        if return_hidden:
-            h = out.hidden.float().cpu().numpy()
-            if hidden_c is None:
-                hidden_c = np.zeros((n, h.shape[1]), np.float32)
-                hidden_r = np.zeros((n, h.shape[1]), np.float32)
-            hidden_c[idx], hidden_r[idx] = h[:b], h[b:]
-    model.train(was_training)
-    result = {"chosen": chosen, "rejected": rejected}
+    hidden states ``hidden_chosen``/``hidden_rejected`` (N, H) as float32. ``batch_size`` counts
+    pairs (2 sequences each)."""
+    prompts = [list(p) for p in encoded["prompt_ids"]]
+    replies = [list(c) for c in encoded["chosen_ids"]] + [list(r) for r in encoded["rejected_ids"]]
+    rewards, hidden = score_replies(model, prompts + prompts, replies, batch_size=2 * batch_size, bf16=bf16,
+                                    progress=progress, return_hidden=return_hidden, desc=desc, use_store=use_store)
+    n = len(prompts)
+    result = {"chosen": rewards[:n], "rejected": rewards[n:]}
     if return_hidden:
-        result["hidden_chosen"], result["hidden_rejected"] = hidden_c, hidden_r
+        result["hidden_chosen"], result["hidden_rejected"] = hidden[:n], hidden[n:]
     return result
 
 
-@torch.no_grad()
 def score_token_sequences(model, sequences: list[list[int]], batch_size: int = 16, bf16: bool = True,
-                          progress: bool = True, desc: str = "scoring") -> np.ndarray:
-    """Rewards for already-tokenized full sequences (prompt + reply), in input order. (N,)"""
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    scores = np.zeros(len(sequences), np.float32)
-    for idx in tqdm(_length_batches([len(s) for s in sequences], batch_size), desc=desc,
-                    disable=not progress, unit="batch"):
-        seqs = [sequences[i] for i in idx]
-        batch = pad_sequences(seqs, [[0] * len(s) for s in seqs], pad_token_id=0)
-        with autocast(device, bf16):
-            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        scores[idx] = out.rewards.float().cpu().numpy()
-    model.train(was_training)
-    return scores
+                          progress: bool = True, desc: str = "scoring",
+                          prompt_lengths: list[int] | None = None) -> np.ndarray:
+    """Rewards for already-tokenized full sequences (prompt + reply), in input order. (N,)
+
+    With ``prompt_lengths`` (the prompt's share of each sequence) a frozen-bottom model scores
+    through the shared bottom store; without, the whole sequences run."""
+    if prompt_lengths is None:
+        rewards, _ = score_replies(model, [[] for _ in sequences], sequences, batch_size=batch_size, bf16=bf16,
+                                   progress=progress, desc=desc, use_store=False)
+        return rewards
+    if len(prompt_lengths) != len(sequences):
+        raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(sequences)} sequences")
+    prompts = [list(s[:k]) for s, k in zip(sequences, prompt_lengths)]
+    replies = [list(s[k:]) for s, k in zip(sequences, prompt_lengths)]
+    return score_replies(model, prompts, replies, batch_size=batch_size, bf16=bf16, progress=progress, desc=desc)[0]
 
 
 def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:

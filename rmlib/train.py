@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from rmlib import assets
+from rmlib import assets, fastpath
 from rmlib.encoding import PairCollator, encode_pairs
 from rmlib.losses import NEEDS_REFERENCE, NEEDS_REJECTED_LOGP, LossSpec, assert_finite_loss, compute_loss
 from rmlib.models import ModelSpec, RewardModel, build_reward_model, save_reward_model
@@ -62,6 +62,8 @@ class RMConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "GRM beta inside the regularizer"})
     # --- data ---
     max_length: int = field(default=256, metadata={"help": "tokens per prompt+reply; prompt cut from the left"})
+    bottom_cache: bool = field(default=True, metadata={
+        "help": "modes topk/frozen: run the frozen bottom once and train the top from the shared store (rmlib.fastpath)"})
     eval_batch_size: int = field(default=8, metadata={"help": "pairs per scoring batch"})
     # --- TrainingArguments defaults for this project ---
     output_dir: str = "runs/rm"
@@ -130,7 +132,9 @@ class RMTrainer(Trainer):
         if need_logp and spec.regularizer not in NEEDS_REJECTED_LOGP:
             logp_mask = resp.clone()
             logp_mask[b:] = 0  # chosen-only regularizers: skip the LM head on rejected replies
-        out = model(ids, mask, logp_mask, return_logps=need_logp)
+        # hidden_in/start_layer: present when the collator reads the shared bottom store (rmlib.fastpath)
+        out = model(ids, mask, logp_mask, return_logps=need_logp, hidden_in=inputs.get("hidden_in"),
+                    start_layer=inputs.get("start_layer"))
         r_c, r_r = out.rewards[:b], out.rewards[b:]
         logp_c = logp_r = ref_c = ref_r = None
         if need_logp:
@@ -270,10 +274,19 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
     model = build_reward_model(config.model_spec, seed=config.seed)
     if config.regularizer in NEEDS_REFERENCE:
         model.attach_reference()
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id)
+    t_store = time.perf_counter()
+    store = fastpath.store_for(model, bf16_autocast=config.bf16) if config.bottom_cache else None
+    if store is not None:  # frozen bottom: compute its output once for every pair (shared across runs)
+        groups = fastpath.pair_groups(train_enc) + (fastpath.pair_groups(eval_enc) if eval_enc is not None else [])
+        with config.main_process_first(desc="bottom store"):  # other processes then find it all stored
+            store.ensure(groups, progress=not config.disable_tqdm)
+        collator = fastpath.CachedPairCollator(store, pad_token_id=tokenizer.pad_token_id)
+    store_seconds = time.perf_counter() - t_store
     keep = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]
     trainer = RMTrainer(
         model=model, args=config, train_dataset=train_enc.select_columns(keep),
-        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=collator, processing_class=tokenizer,
         loss_spec=config.loss_spec, eval_pairs=eval_enc, callbacks=callbacks,
     )
     if resume is True:
@@ -287,7 +300,8 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
         * config.gradient_accumulation_steps * config.world_size
     metrics = {"train_pairs": len(train_enc), "steps": trainer.state.global_step, "train_seconds": train_seconds,
                "pairs_per_second": pairs_seen / train_seconds if train_seconds > 0 else None,
-               "train_loss": train_out.training_loss, "resumed_from": ckpt}
+               "train_loss": train_out.training_loss, "resumed_from": ckpt,
+               "bottom_store_seconds": store_seconds if store is not None else None}
     if eval_enc is not None:
         metrics.update(trainer.evaluate())
     final_dir = Path(config.output_dir) / "final"

@@ -1,11 +1,13 @@
-"""Cached top-k fast path vs the plain RewardModel forward (values, gradients) and the cache's life cycle."""
+"""Fast path for frozen bottoms vs the plain RewardModel forward (values, gradients), and the bottom store."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -13,9 +15,10 @@ from datasets import Dataset
 from rmlib import fastpath
 from rmlib.encoding import PairCollator, encode_pairs
 from rmlib.fastpath import (
-    BottomCache, CachedPairCollator, add_cache_index, bottom_forward, check_frozen_below, forward_cached,
-    frozen_prefix, top_forward,
+    BottomStore, CachedPairCollator, bottom_forward, check_frozen_below, forward_cached, frozen_prefix, pair_groups,
+    store_for, top_forward,
 )
+from rmlib.scoring import score_replies
 from rmlib.losses import LossSpec, compute_loss
 from rmlib.models import ModelSpec, build_reward_model
 
@@ -53,14 +56,11 @@ def _topk_model(tokenizer, seed=0, top_k=2):
     return build_reward_model(ModelSpec(backbone="tiny-llama", mode="topk", top_k_layers=top_k), lm=lm, seed=seed)
 
 
-def _build(model, encoded, path, **kw):
-    kw = {"dtype": torch.float32, "bf16_autocast": False, "progress": False, "max_length": 64, **kw}
-    return BottomCache.build_or_load(model, encoded, path=path, **kw)
-
-
-def _features(encoded):
-    rows = add_cache_index(encoded)
-    return [rows[i] for i in range(len(rows))]
+def _store(model, tmp_path, encoded, batch_tokens=4096, **kw):
+    kw = {"dtype": torch.float32, "bf16_autocast": False, **kw}
+    store = BottomStore.for_model(model, root=tmp_path / f"store-{kw['dtype']}-{kw['bf16_autocast']}", **kw)
+    store.ensure(pair_groups(encoded), batch_tokens=batch_tokens, progress=False)
+    return store
 
 
 class TestTopForward:
@@ -92,14 +92,14 @@ class TestTopForward:
 
 
 class TestCachedPath:
-    @pytest.mark.parametrize("prompt_kv", [False, True])
-    def test_fp32_values_and_gradients_equal_plain(self, tokenizer, encoded, tmp_path, prompt_kv):
+    @pytest.mark.parametrize("batch_tokens", [16, 4096])
+    def test_fp32_values_and_gradients_equal_plain(self, tokenizer, encoded, tmp_path, batch_tokens):
         model = _topk_model(tokenizer)
-        cache = _build(model, encoded, tmp_path / "c", prompt_kv=prompt_kv)
-        assert cache.start_layer == frozen_prefix(model) == LAYERS - 2
-        features = _features(encoded)
+        store = _store(model, tmp_path, batch_tokens=batch_tokens, encoded=encoded)
+        assert store.start_layer == frozen_prefix(model) == model.frozen_layers == LAYERS - 2
+        features = list(encoded)
         plain_batch = PairCollator(tokenizer.pad_token_id)(features)
-        batch = CachedPairCollator(cache, tokenizer.pad_token_id)(features)
+        batch = CachedPairCollator(store, tokenizer.pad_token_id)(features)
         for key in plain_batch:  # same layout as PairCollator, chosen rows first
             assert torch.equal(batch[key], plain_batch[key]), key
         assert batch["hidden_in"].shape == (*plain_batch["input_ids"].shape, 32)
@@ -124,15 +124,14 @@ class TestCachedPath:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
     def test_adamw_steps_follow_the_plain_trajectory(self, tokenizer, encoded, tmp_path):
-        """Three optimizer steps from the cache end at the same weights as three plain steps (fp32)."""
-        features = _features(encoded)
+        """Three optimizer steps from the store end at the same weights as three plain steps (fp32)."""
+        features = list(encoded)
         batches = [features[:2], features[2:], features[1:3]]
         final = {}
         for cached in (False, True):
             model = _topk_model(tokenizer)
             assert fastpath.supported(model)
-            cache = _build(model, encoded, tmp_path / "c") if cached else None
-            collate = (CachedPairCollator(cache, tokenizer.pad_token_id) if cached
+            collate = (CachedPairCollator(_store(model, tmp_path, encoded=encoded), tokenizer.pad_token_id) if cached
                        else PairCollator(tokenizer.pad_token_id))
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
             for feats in batches:
@@ -146,13 +145,12 @@ class TestCachedPath:
         for name, value in final[False].items():
             torch.testing.assert_close(final[True][name], value, atol=1e-5, rtol=1e-5, msg=name)
 
-    def test_bf16_cache_under_autocast_within_bf16_tolerance(self, tokenizer, encoded, tmp_path):
+    def test_bf16_store_under_autocast_within_bf16_tolerance(self, tokenizer, encoded, tmp_path):
         model = _topk_model(tokenizer)
-        cache = _build(model, encoded, tmp_path / "c", dtype=torch.bfloat16, bf16_autocast=True)
-        assert cache.hidden.dtype.itemsize == 2
-        features = _features(encoded)
+        store = _store(model, tmp_path, encoded=encoded, dtype=torch.bfloat16, bf16_autocast=True)
+        features = list(encoded)
         plain_batch = PairCollator(tokenizer.pad_token_id)(features)
-        batch = CachedPairCollator(cache, tokenizer.pad_token_id)(features)
+        batch = CachedPairCollator(store, tokenizer.pad_token_id)(features)
         assert batch["hidden_in"].dtype == torch.bfloat16
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             ref = model(plain_batch["input_ids"], plain_batch["attention_mask"], plain_batch["response_mask"],
@@ -162,98 +160,150 @@ class TestCachedPath:
             a, b = getattr(got, name).float(), getattr(ref, name).float()
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
 
-    def test_refuses_a_model_whose_bottom_trains(self, tokenizer, encoded, tmp_path):
-        cache = _build(_topk_model(tokenizer), encoded, tmp_path / "c")
+    def test_refuses_a_model_whose_bottom_trains_or_differs(self, tokenizer, encoded, tmp_path):
+        store = _store(_topk_model(tokenizer), tmp_path, encoded=encoded)
         full = build_reward_model(ModelSpec(backbone="tiny-llama", mode="full"), lm=make_tiny_lm(tokenizer, layers=4))
-        batch = CachedPairCollator(cache, tokenizer.pad_token_id)(_features(encoded))
+        batch = CachedPairCollator(store, tokenizer.pad_token_id)(list(encoded))
         with pytest.raises(ValueError, match="frozen"):
             forward_cached(full, batch)
         with pytest.raises(ValueError, match="frozen"):
             check_frozen_below(full, 1)
-        other = _topk_model(tokenizer, seed=1)
         with pytest.raises(ValueError, match="other bottom weights"):
-            cache.check_model(other)
-        cache.check_model(_topk_model(tokenizer))
+            store.check_model(_topk_model(tokenizer, seed=1))
+        store.check_model(_topk_model(tokenizer))
 
-    def test_collator_rejects_rows_of_another_dataset(self, tokenizer, encoded, tmp_path):
-        cache = _build(_topk_model(tokenizer), encoded, tmp_path / "c")
-        features = _features(encoded)
-        features[0], features[1] = {**features[0], "cache_index": 1}, {**features[1], "cache_index": 0}
-        with pytest.raises(ValueError, match="does not match the cached tokens"):
-            CachedPairCollator(cache, tokenizer.pad_token_id)(features)
+    def test_collator_names_a_pair_missing_from_the_store(self, tokenizer, encoded, tmp_path):
+        store = _store(_topk_model(tokenizer), tmp_path, encoded=encoded.select([0, 1]))
+        with pytest.raises(KeyError, match="not in the bottom store"):
+            CachedPairCollator(store, tokenizer.pad_token_id)(list(encoded))
 
 
-class TestCacheLifecycle:
-    def test_reused_when_valid_rebuilt_when_inputs_change(self, tokenizer, encoded, tmp_path):
+class TestStore:
+    def test_computes_only_what_is_missing_and_stores_each_prompt_once(self, tokenizer, encoded, tmp_path):
         model = _topk_model(tokenizer)
-        first = _build(model, encoded, tmp_path / "c")
-        stamp = (tmp_path / "c" / "hidden.bin").stat().st_mtime_ns
-        again = _build(model, encoded, tmp_path / "c")
-        assert again.reused and again.fingerprint == first.fingerprint
-        assert (tmp_path / "c" / "hidden.bin").stat().st_mtime_ns == stamp
+        store = BottomStore.for_model(model, root=tmp_path / "s", dtype=torch.float32, bf16_autocast=False)
+        groups = pair_groups(encoded)
+        assert store.ensure(groups[:2], progress=False) == 4
+        assert store.ensure(groups[:2], progress=False) == 0
+        assert store.ensure(groups, progress=False) == 4  # only the two new pairs
+        assert len(store.entries) == 4 + 8  # 4 prompts + 8 replies
+        tokens = sum(len(p) + len(c) + len(r) for p, (c, r) in groups)
+        assert store.rows == tokens  # prompt rows once per pair, not once per side
+        shared = [(groups[0][0], [groups[0][1][0], [5, 6, 7]])]  # a stored prompt with a new reply
+        assert store.ensure(shared, progress=False) == 1 and store.rows == tokens + 3
+        # a fresh handle (another process, a later session) sees everything
+        again = BottomStore.for_model(model, root=tmp_path / "s", dtype=torch.float32, bf16_autocast=False)
+        where = lambda s: {k: (s.shards[i].name, off, n) for k, (i, off, n) in s.entries.items()}  # noqa: E731
+        assert where(again) == where(store) and again.ensure(groups, progress=False) == 0
 
-        changes = {
-            "other weights, same name": dict(model=_topk_model(tokenizer, seed=1)),
-            "start layer": dict(start_layer=1),
-            "token ids": dict(encoded=encoded.select([0, 1, 2])),
-            "max_length": dict(max_length=128),
-            "storage dtype": dict(dtype=torch.bfloat16),
-        }
-        prints = {first.fingerprint}
-        for what, change in changes.items():
-            kw = {"model": model, "encoded": encoded, **change}
-            cache = _build(kw.pop("model"), kw.pop("encoded"), tmp_path / "c", **kw)
-            assert not cache.reused, what
-            assert cache.fingerprint not in prints, what
-            prints.add(cache.fingerprint)
-        assert [p.name for p in tmp_path.iterdir()] == ["c"]  # rebuilt in place, no temp folders left
-
-    def test_default_location_is_keyed_by_fingerprint(self, tokenizer, encoded, tmp_path, monkeypatch):
+    def test_shared_by_models_with_the_same_bottom_only(self, tokenizer, tmp_path, monkeypatch):
         monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
-        model = _topk_model(tokenizer)
-        a = BottomCache.build_or_load(model, encoded, progress=False)
-        b = BottomCache.build_or_load(model, encoded, start_layer=1, progress=False)
-        assert a.path.parent == b.path.parent == tmp_path / "bottom_cache" and a.path != b.path
-        assert BottomCache.build_or_load(model, encoded, progress=False).reused
+        lm = make_tiny_lm(tokenizer, layers=LAYERS)
+        a = build_reward_model(ModelSpec(backbone="tiny-llama", mode="topk", top_k_layers=2), lm=copy.deepcopy(lm), seed=0)
+        b = build_reward_model(ModelSpec(backbone="tiny-llama", mode="topk", top_k_layers=2, head="mlp"),
+                               lm=copy.deepcopy(lm), seed=5)  # another head and seed: same bottom
+        with torch.no_grad():  # top layers may differ: they are not part of the key
+            b.decoder.layers[-1].mlp.up_proj.weight.mul_(2)
+        roots = {BottomStore.for_model(m, dtype=torch.float32, bf16_autocast=False).root for m in (a, b)}
+        assert len(roots) == 1 and next(iter(roots)).parent == tmp_path / "bottom"
+        others = [
+            BottomStore.for_model(_topk_model(tokenizer, seed=1), dtype=torch.float32, bf16_autocast=False),
+            BottomStore.for_model(a, start_layer=1, dtype=torch.float32, bf16_autocast=False),
+            BottomStore.for_model(a, dtype=torch.bfloat16, bf16_autocast=False),
+            BottomStore.for_model(a, dtype=torch.float32, bf16_autocast=True),
+        ]
+        assert len(roots | {s.root for s in others}) == 5
+        with pytest.raises(ValueError, match="another model"):
+            BottomStore.for_model(_topk_model(tokenizer, seed=1), root=others[1].root)
 
-    @pytest.mark.parametrize("prompt_kv", [True, False])
-    def test_failed_build_leaves_nothing_taken_as_valid(self, tokenizer, encoded, tmp_path, monkeypatch, prompt_kv):
+    def test_store_for_picks_the_path(self, tokenizer, tmp_path, monkeypatch):
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        lm = make_tiny_lm(tokenizer, layers=LAYERS)
+        assert store_for(build_reward_model(ModelSpec(backbone="t", mode="full"), lm=copy.deepcopy(lm))) is None
+        assert store_for(build_reward_model(ModelSpec(backbone="t", mode="lora"), lm=copy.deepcopy(lm))) is None
+        frozen = build_reward_model(ModelSpec(backbone="t", mode="frozen"), lm=copy.deepcopy(lm))
+        assert store_for(frozen).start_layer == LAYERS
+        topk = _topk_model(tokenizer)
+        assert store_for(topk).start_layer == LAYERS - 2
+        monkeypatch.setenv("RMLIB_FASTPATH", "0")
+        assert store_for(topk) is None
+
+    @pytest.mark.parametrize("mode", ["topk", "frozen"])
+    def test_scores_many_replies_per_prompt_like_the_plain_path(self, tokenizer, tmp_path, monkeypatch, mode):
+        """Best-of-N-like groups (one prompt, many replies of different lengths), fp32."""
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        model = build_reward_model(ModelSpec(backbone="t", mode=mode, top_k_layers=2), lm=make_tiny_lm(tokenizer, layers=LAYERS))
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, 500, size=n).tolist() for n in (5, 17, 9)]
+        replies = [rng.integers(3, 500, size=int(rng.integers(1, 30))).tolist() for _ in range(24)]
+        owner = [i % 3 for i in range(24)]
+        plain, h_plain = score_replies(model, [prompts[o] for o in owner], replies, batch_size=5, bf16=False,
+                                       progress=False, return_hidden=True, use_store=False)
+        fast, h_fast = score_replies(model, [prompts[o] for o in owner], replies, batch_size=5, bf16=False,
+                                     progress=False, return_hidden=True)
+        assert store_for(model, bf16_autocast=False).rows == sum(map(len, prompts)) + sum(map(len, replies))
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(h_fast, h_plain, rtol=1e-5, atol=1e-5)
+
+    def test_a_loaded_model_scores_through_the_same_store(self, tokenizer, encoded, tmp_path, monkeypatch):
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        from rmlib.models import load_reward_model, save_reward_model
+        from rmlib.scoring import score_pairs
+
+        model = _topk_model(tokenizer)
+        store = store_for(model, bf16_autocast=False)
+        store.ensure(pair_groups(encoded), progress=False)
+        save_reward_model(model, tmp_path / "rm", tokenizer, dtype=torch.float32)
+        loaded = load_reward_model(tmp_path / "rm")
+        assert loaded.frozen_layers == model.frozen_layers
+        assert store_for(loaded, bf16_autocast=False).root == store.root
+        assert store_for(loaded, bf16_autocast=False).ensure(pair_groups(encoded), progress=False) == 0
+        got = score_pairs(loaded, encoded, bf16=False, progress=False)
+        ref = score_pairs(model, encoded, bf16=False, progress=False, use_store=False)
+        np.testing.assert_allclose(got["chosen"], ref["chosen"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["rejected"], ref["rejected"], rtol=1e-5, atol=1e-5)
+
+    def test_a_killed_build_keeps_finished_shards(self, tokenizer, encoded, tmp_path, monkeypatch):
         model = _topk_model(tokenizer)
         real, calls = fastpath.run_layers, []
-        calls_per_batch = 2 if prompt_kv else 1  # prompt pass + reply pass, or one pass
 
-        def dies_on_second_batch(*args, **kwargs):
+        def dies_on_third_batch(*args, **kwargs):
             calls.append(1)
-            if len(calls) > calls_per_batch:  # batch 1 is written; die inside batch 2
+            if len(calls) > 4:  # two batches (prompt pass + reply pass each) are written; die in the third
                 raise KeyboardInterrupt("killed mid-build")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fastpath, "run_layers", dies_on_second_batch)
+        monkeypatch.setattr(fastpath, "run_layers", dies_on_third_batch)
+        store = BottomStore.for_model(model, root=tmp_path / "s", dtype=torch.float32, bf16_autocast=False)
+        groups = pair_groups(encoded)
         with pytest.raises(KeyboardInterrupt):
-            _build(model, encoded, tmp_path / "c", batch_size=2, prompt_kv=prompt_kv)
-        assert len(calls) == calls_per_batch + 1
-        assert BottomCache.load(tmp_path / "c") is None and list(tmp_path.iterdir()) == []
-        # a stale complete cache at the path stays until a new one is complete, then is replaced
+            store.ensure(groups, batch_tokens=1, shard_rows=1, progress=False)  # one reply per batch and shard
+        assert len(store.shards) == 2 and not list((tmp_path / "s").glob(".shard-*"))
         monkeypatch.setattr(fastpath, "run_layers", real)
-        old = _build(model, encoded, tmp_path / "c", start_layer=1)
-        calls.clear()
-        monkeypatch.setattr(fastpath, "run_layers", dies_on_second_batch)
-        with pytest.raises(KeyboardInterrupt):
-            _build(model, encoded, tmp_path / "c", batch_size=2, prompt_kv=prompt_kv)
-        assert BottomCache.load(tmp_path / "c").fingerprint == old.fingerprint  # never a half-written one
-        monkeypatch.setattr(fastpath, "run_layers", real)
-        assert not _build(model, encoded, tmp_path / "c").reused
+        assert store.ensure(groups, progress=False) == 6  # the 8 replies but the two committed
+        ref = BottomStore.for_model(model, root=tmp_path / "ref", dtype=torch.float32, bf16_autocast=False)
+        ref.ensure(groups, progress=False)
+        for p, replies in groups:
+            for r in replies:
+                torch.testing.assert_close(store.sequence(p, r), ref.sequence(p, r), atol=1e-6, rtol=1e-6)
 
-    def test_leftover_of_a_killed_process_is_ignored_and_removed(self, tokenizer, encoded, tmp_path):
+    def test_leftover_of_a_killed_process_is_removed(self, tokenizer, encoded, tmp_path):
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        leftover = tmp_path / ".c.tmpkilled"
+        root = tmp_path / "s"
+        store = BottomStore.for_model(_topk_model(tokenizer), root=root, dtype=torch.float32, bf16_autocast=False)
+        leftover = root / ".shard-x.tmpkilled"
         leftover.mkdir()
         (leftover / "builder.pid").write_text(str(dead.pid))
         (leftover / "hidden.bin").write_bytes(b"\0" * 16)
-        assert BottomCache.load(leftover) is None  # no meta.json: never valid
-        live = tmp_path / ".c.tmplive"
+        live = root / ".shard-y.tmplive"
         live.mkdir()
         (live / "builder.pid").write_text(str(os.getpid()))  # a build still running: left alone
-        cache = _build(_topk_model(tokenizer), encoded, tmp_path / "c")
-        assert not cache.reused and not leftover.exists() and live.exists()
+        store.ensure(pair_groups(encoded), progress=False)
+        assert not leftover.exists() and live.exists() and len(store.shards) == 1
+
+    def test_empty_reply_is_named(self, tokenizer, tmp_path):
+        store = BottomStore.for_model(_topk_model(tokenizer), root=tmp_path / "s", dtype=torch.float32,
+                                      bf16_autocast=False)
+        with pytest.raises(ValueError, match="group 1, reply 0: empty reply"):
+            store.ensure([([1, 2], [[3]]), ([1, 2], [[]])], progress=False)
