@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv reproduce test test-unit lab clean-runs
+.PHONY: venv reproduce test test-unit test-dist lab clean-runs
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests
+
+## The two-process accelerate tests alone (they also run in `make test`)
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m dist tests
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -139,7 +139,8 @@ def resolve_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bf
     Anything else raises ``ModelNotFoundError`` naming the accepted forms.
     """
     text = str(name_or_path)
-    if text in MODELS:
+    kind = check_model_name(text)
+    if kind == "short name":
         asset = MODELS[text]
         gguf = _locate_wheel_gguf(asset)
         if gguf is not None:
@@ -147,14 +148,27 @@ def resolve_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bf
         logger.info("no local copy of %s (pip install %s); using hub id %s", text, asset.wheel, asset.hub_id)
         return asset.hub_id
     path = Path(text).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if kind == "gguf":
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
         return str(_cached_copy(f"{path.stem}-{digest}", path, dtype))
+    return str(path) if kind == "folder" else text
+
+
+def check_model_name(name_or_path: str | os.PathLike) -> str:
+    """What ``resolve_model`` would take ``name_or_path`` for ("short name", "folder", "gguf" or
+    "hub id"), without loading or converting anything; ModelNotFoundError naming the accepted
+    forms when it is none of them (e.g. a local path that does not exist)."""
+    text = str(name_or_path)
+    if text in MODELS:
+        return "short name"
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
     looks_like_path = text.startswith(("/", ".", "~")) or path.suffix == ".gguf"
     if not looks_like_path and _HUB_ID.match(text):
-        return text
+        return "hub id"
     raise ModelNotFoundError(
         f"model {text!r} not found: expected a short name ({', '.join(MODELS)}), "
         "an existing local folder or .gguf file, or a hub id 'owner/name'"

@@ -113,6 +113,12 @@ class RewardModel(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     @property
+    def _no_split_modules(self):
+        """The backbone's decoder-layer class names: FSDP's TRANSFORMER_BASED_WRAP (accelerate) wraps
+        each such layer without the config naming the class."""
+        return getattr(self.causal_lm, "_no_split_modules", None)
+
+    @property
     def is_peft(self) -> bool:
         return hasattr(self.lm, "get_base_model")
 
@@ -281,7 +287,10 @@ def save_reward_model(
             cfg.architectures = None
             if tokenizer is not None and tokenizer.pad_token_id is not None:
                 cfg.pad_token_id = tokenizer.pad_token_id
-            cls = AutoModelForSequenceClassification.from_config(cfg)
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():  # every weight is copied in below: skip the random init (seconds)
+                cls = AutoModelForSequenceClassification.from_config(cfg)
             cls.model.load_state_dict(lm.model.state_dict())
             with torch.no_grad():
                 cls.score.weight.copy_(model.head.weight)

@@ -61,6 +61,19 @@ def notebook_parameters(name: str, preset: dict, stem: str) -> dict:
     return params
 
 
+def check_parameters(name: str, preset: dict, stems: list[str]) -> None:
+    """Fail before anything runs when the preset gives a notebook a parameter its ``parameters``
+    cell does not define (papermill itself would only warn and inject it anyway)."""
+    import papermill as pm
+
+    for stem in stems:
+        accepted = set(pm.inspect_notebook(str(NOTEBOOK_DIR / f"{stem}.ipynb")))
+        unknown = sorted(set(notebook_parameters(name, preset, stem)) - accepted)
+        if unknown:
+            raise PresetError(f"preset {name!r} ({PARAMS_DIR / (name + '.yaml')}) gives notebook {stem} unknown "
+                              f"parameter(s) {unknown}; it accepts: {', '.join(sorted(accepted))}")
+
+
 def selected_notebooks(preset: dict, only: list[str] | None) -> list[str]:
     stems = [s for s in NOTEBOOK_ORDER if s in (preset["notebooks"] or {}) and (NOTEBOOK_DIR / f"{s}.ipynb").exists()]
     if only:
@@ -77,9 +90,10 @@ def run(name: str, only: list[str] | None = None, prepare_only: bool = False, ou
     preset = load_preset(name)
     if not prepare_only:
         check_machine(name, preset)
+    stems = selected_notebooks(preset, only)
+    check_parameters(name, preset, stems)
     out_dir = Path(out) if out else REPO_ROOT / "runs" / name / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stems = selected_notebooks(preset, only)
     t_all = time.perf_counter()
     summary = []
     for i, stem in enumerate(stems, 1):

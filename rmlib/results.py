@@ -1,5 +1,5 @@
 """Atomic writes for results, tables and figures: write to a temp file in the same folder, then
-rename, so a run that dies mid-way leaves the previous file intact."""
+rename, so a run that dies mid-way leaves the previous file intact (and no temp file behind)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,29 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
+
+
 def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, flush it to disk, rename it over ``path``.
+
+    If ``write`` raises, the temp file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -24,19 +40,34 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    """Plain text (e.g. JSONL) written atomically."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Plain text (e.g. JSONL), UTF-8, written atomically."""
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path, obj) -> Path:
-    """JSON dump (indent 2, non-JSON values as str)."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str)))
+    """JSON dump (indent 2, non-JSON values as str), UTF-8."""
+    text = json.dumps(obj, indent=2, default=str)  # before the temp file: a failing dump touches nothing
+    return write_text_atomic(path, text)
+
+
+def markdown_table(frame) -> str:
+    """A DataFrame as a GitHub pipe table (no index); cells via str(), NaN as "", "|" escaped."""
+    import pandas as pd
+
+    def cell(v) -> str:
+        text = "" if (not isinstance(v, (list, dict)) and pd.isna(v)) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def write_table_atomic(path, frame) -> Path:
-    """A pandas DataFrame as CSV (or Markdown when the path ends in .md)."""
+    """A pandas DataFrame as CSV (or a Markdown pipe table when the path ends in .md)."""
     if str(path).endswith(".md"):
-        return _atomic_write(path, lambda tmp: Path(tmp).write_text(frame.to_markdown(index=False) + "\n"))
+        return write_text_atomic(path, markdown_table(frame))
     return _atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
@@ -47,4 +78,4 @@ def save_figure_atomic(fig, path, dpi: int = 120) -> Path:
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))

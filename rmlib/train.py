@@ -89,6 +89,7 @@ class RMConfig(TrainingArguments):
     def __post_init__(self):
         self.loss_spec  # validates names and values, naming what is allowed
         self.model_spec
+        assets.check_model_name(self.backbone)  # a missing path fails here, not after the data is tokenized
         if self.max_length < 16:
             raise ValueError(f"max_length={self.max_length} is too small (>= 16)")
         super().__post_init__()
@@ -185,8 +186,13 @@ class RMTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            weights = model.trainable_state_dict()
+        else:  # FSDP FULL_STATE_DICT / DeepSpeed ZeRO-3: Trainer.save_model gathered whole tensors
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            weights = {k: v.detach().float().contiguous() for k, v in state_dict.items() if k in names}
         tmp = os.path.join(output_dir, TRAINABLE_WEIGHTS + ".tmp")
-        save_file(model.trainable_state_dict(), tmp)
+        save_file(weights, tmp)
         os.replace(tmp, os.path.join(output_dir, TRAINABLE_WEIGHTS))
         write_json_atomic(Path(output_dir) / "rmlib_config.json", _jsonable(self.args.summary()))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -238,13 +244,45 @@ def _set_aside_stale_checkpoints(config: RMConfig) -> None:
                        len(stale), out, target)
 
 
+def _complete_checkpoint(ckpt: Path) -> bool:
+    """Trainable weights present and trainer_state.json (the Trainer's last, non-atomic write) readable."""
+    if not (ckpt / TRAINABLE_WEIGHTS).exists():
+        return False
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` folder that holds trainable weights, or None."""
+    """The newest complete ``checkpoint-N`` folder, or None. A checkpoint cut short by a kill
+    (no trainable weights, or an unreadable trainer_state.json) is skipped with a warning."""
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    ckpts = [p for p in out.glob("checkpoint-*") if (p / TRAINABLE_WEIGHTS).exists() and (p / "trainer_state.json").exists()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in ckpts:
+        if _complete_checkpoint(ckpt):
+            return str(ckpt)
+        logger.warning("%s is incomplete (interrupted while saving?); resuming from an earlier checkpoint", ckpt)
+    return None
+
+
+def _whole_run_train_loss(training_loss: float, log_history: list[dict], start_step: int, end_step: int) -> float:
+    """Mean training loss over every step of the run. The Trainer's ``training_loss`` averages the
+    steps run in this call only; after a resume from ``start_step`` the earlier steps come back from
+    the logged ``loss`` values (each the mean since the previous log: exact when ``start_step`` is a
+    logged step, as with save_steps a multiple of logging_steps)."""
+    if start_step == 0:
+        return training_loss
+    earlier, logged = 0.0, 0
+    for rec in log_history:
+        if "loss" in rec and rec.get("step", 0) <= start_step:
+            earlier += rec["loss"] * (rec["step"] - logged)
+            logged = rec["step"]
+    steps = logged + (end_step - start_step)
+    return (earlier + training_loss * (end_step - start_step)) / steps if steps else training_loss
 
 
 def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer=None, callbacks=None,
@@ -290,7 +328,9 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
         loss_spec=config.loss_spec, eval_pairs=eval_enc, callbacks=callbacks,
     )
     if resume is True:
-        _set_aside_stale_checkpoints(config)
+        if trainer.is_world_process_zero():  # one process moves files, the others wait for it
+            _set_aside_stale_checkpoints(config)
+        trainer.accelerator.wait_for_everyone()
     ckpt = last_checkpoint(config.output_dir) if resume is True else (resume or None)
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=ckpt)
@@ -300,15 +340,22 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
         * config.gradient_accumulation_steps * config.world_size
     metrics = {"train_pairs": len(train_enc), "steps": trainer.state.global_step, "train_seconds": train_seconds,
                "pairs_per_second": pairs_seen / train_seconds if train_seconds > 0 else None,
-               "train_loss": train_out.training_loss, "resumed_from": ckpt,
+               "train_loss": _whole_run_train_loss(train_out.training_loss, trainer.state.log_history, start_step,
+                                                   trainer.state.global_step),
+               "resumed_from": ckpt,
                "bottom_store_seconds": store_seconds if store is not None else None}
     if eval_enc is not None:
         metrics.update(trainer.evaluate())
     final_dir = Path(config.output_dir) / "final"
-    save_reward_model(model, final_dir, tokenizer, extra={"config": _jsonable(config.summary()), "metrics": metrics})
-    write_json_atomic(Path(config.output_dir) / "metrics.json",
-                      _jsonable({"config": config.summary(), "data": fingerprint, "metrics": metrics,
-                                 "encode": asdict(train_stats), "log_history": trainer.state.log_history}))
+    # One writer: every process holds the same weights, and under torch.distributed transformers'
+    # save_pretrained writes weights on rank 0 only (another rank's export would lack them).
+    if trainer.is_world_process_zero():
+        save_reward_model(model, final_dir, tokenizer,
+                          extra={"config": _jsonable(config.summary()), "metrics": metrics})
+        write_json_atomic(Path(config.output_dir) / "metrics.json",
+                          _jsonable({"config": config.summary(), "data": fingerprint, "metrics": metrics,
+                                     "encode": asdict(train_stats), "log_history": trainer.state.log_history}))
+    trainer.accelerator.wait_for_everyone()  # final/ exists for every process on return
     return TrainResult(model, tokenizer, metrics, trainer.state.log_history, Path(config.output_dir), final_dir)
 
 

@@ -20,7 +20,7 @@ from rmlib.paths import data_dir
 from .errors import DataError, Drop
 from .pairs import Collector, check_label, check_text, opt_text
 from .readers import display_name, read_json
-from .report import Loaded
+from .report import DropReport, Loaded
 from .schema import pair_row, to_dataset
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ def load_alpaca_eval_responses(path: str | Path | None = None) -> Loaded:
         data = read_json(f)
         if not isinstance(data, list):
             raise DataError(f, "top level is not a list of annotations", line=1)
+        if not data:
+            raise DataError(f, "no annotations (an empty list)", line=1)
         gen, name = _generator(f), display_name(f)
         for i, rec in enumerate(data):
             if not isinstance(rec, Mapping):
@@ -120,12 +122,14 @@ def _note_oddities(col: Collector, raw: list) -> None:
 
 def alpaca_eval_pairs(responses: Dataset, prompts: Iterable[int | str] | None = None,
                       generators: Iterable[str] | None = None, max_pairs_per_prompt: int | None = None,
-                      seed: int = 0) -> Dataset:
+                      seed: int = 0, drops: DropReport | None = None) -> Dataset:
     """(win, loss) pairs on the same prompt in the normalized schema.
 
     chosen = a response with gold +1, rejected = one with gold -1, both from ``generators``
     (all if None) and on ``prompts`` (prompt_ids or instructions; all if None). With
     ``max_pairs_per_prompt`` a sample of that many pairs per prompt, fixed by ``seed``.
+    Pairs whose two outputs are identical are skipped; with ``drops`` they are counted there
+    (reason "identical chosen/rejected", source "alpaca_eval_pairs"), else only logged.
     """
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
         raise ValueError("max_pairs_per_prompt must be >= 1 or None")
@@ -149,6 +153,9 @@ def alpaca_eval_pairs(responses: Dataset, prompts: Iterable[int | str] | None = 
         for w, l in pairs:
             if cols["output"][w].strip() == cols["output"][l].strip():
                 identical += 1
+                if drops is not None:
+                    drops.add("identical chosen/rejected", f"{cols['id'][w]}|{cols['id'][l]}",
+                              source="alpaca_eval_pairs")
                 continue
             rows.append(pair_row(
                 id=f"{cols['id'][w]}|{cols['id'][l]}", prompt=[{"role": "user", "content": cols["instruction"][w]}],

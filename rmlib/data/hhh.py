@@ -66,6 +66,8 @@ def _examples(folder: Path, cat: str, hub: bool):
     task = read_json(f)
     if not isinstance(task, Mapping) or not isinstance(task.get("examples"), list):
         raise DataError(f, "expected a BIG-bench task object with an 'examples' list", line=1, field="examples")
+    if not task["examples"]:
+        raise DataError(f, "the 'examples' list is empty", line=1, field="examples")
     name = display_name(f)
     for i, ex in enumerate(task["examples"]):
         if not isinstance(ex, Mapping):

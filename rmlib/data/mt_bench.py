@@ -12,7 +12,7 @@ from rmlib.paths import data_dir
 
 from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub
-from .pairs import Collector, check_label, check_messages, check_text, opt_text
+from .pairs import Collector, check_encodable, check_label, check_messages, check_text, opt_text
 from .readers import display_name, read_jsonl
 from .report import Loaded
 
@@ -37,24 +37,52 @@ def load_mt_bench_questions(path: str | Path | None = None) -> Loaded:
     if rfile.exists():
         for n, rec in read_jsonl(rfile):
             try:
-                refs[int(rec["question_id"])] = list(rec["choices"][0]["turns"])
-            except (TypeError, KeyError, IndexError, ValueError):
-                raise DataError(rfile, "expected question_id and choices[0].turns", line=n, field="choices") from None
+                qid, turns = _question_id(rec["question_id"]), rec["choices"][0]["turns"]
+            except (TypeError, KeyError, IndexError, ValueError, Drop):
+                raise DataError(rfile, "expected an integer question_id and choices[0].turns", line=n,
+                                field="choices") from None
+            if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+                raise DataError(rfile, "choices[0].turns must be a list of strings", line=n, field="choices")
+            try:
+                turns = [check_encodable(t, "choices") for t in turns]
+            except Drop:
+                raise DataError(rfile, "choices[0].turns holds text with no UTF-8 form", line=n, field="choices") from None
+            refs[qid] = list(turns)
     col = Collector("mt_bench questions", "mt_bench", QUESTION_FEATURES)
     name = display_name(qfile)
+    seen: set[int] = set()
     for n, rec in read_jsonl(qfile):
         if not isinstance(rec, Mapping):
             raise DataError(qfile, f"expected a JSON object, got {type(rec).__name__}", line=n)
         with col.row(f"{name}:{n - 1}"):
-            qid = check_label(rec.get("question_id"), "question_id")
+            qid = _question_id(rec.get("question_id"))
             turns = rec.get("turns")
             if not isinstance(turns, list) or not turns:
                 raise Drop("missing turns" if turns is None else "bad turns")
-            col.rows.append({"question_id": int(qid), "category": opt_text(rec.get("category"), "category"),
-                             "turns": [check_text(t, "turns") for t in turns],
-                             "reference": [str(t) for t in rec.get("reference") or []],
-                             "reference_answer": refs.get(int(qid), [])})
+            reference = rec.get("reference")  # short reference answers; "" for a turn without one
+            if reference is not None and not isinstance(reference, list):
+                raise Drop("bad reference")
+            if not all(isinstance(t, str) for t in reference or []):
+                raise Drop("non-string reference")
+            row = {"question_id": qid, "category": opt_text(rec.get("category"), "category"),
+                   "turns": [check_text(t, "turns") for t in turns],
+                   "reference": [check_encodable(t, "reference") for t in reference or []],
+                   "reference_answer": refs.get(qid, [])}
+            if qid in seen:
+                raise Drop("duplicate question_id")
+            seen.add(qid)
+            col.rows.append(row)
     return col.finish(logger)
+
+
+def _question_id(value) -> int:
+    """An integer id (int, integral float or numeric string) that fits int64, else Drop."""
+    x = check_label(value, "question_id")
+    if not x.is_integer():
+        raise Drop("unparsable question_id")
+    if abs(x) >= 2**63:
+        raise Drop("question_id out of range")
+    return int(x)
 
 
 def _question_categories() -> dict[int, str]:

@@ -15,15 +15,25 @@ from .transcript import split_last_reply, split_transcript_pair
 MISSING = object()  # "the row has no such field" (as opposed to a null value)
 
 
+def check_encodable(value: str, field: str) -> str:
+    """The string itself, or Drop("invalid unicode <field>") for text that has no UTF-8 form
+    (a lone surrogate such as "\\ud800" in the JSON): Arrow could not store it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Drop(f"invalid unicode {field}") from None
+    return value
+
+
 def check_text(value, field: str) -> str:
-    """A non-empty string, else Drop("missing/non-string/empty <field>")."""
+    """A non-empty string, else Drop("missing/non-string/empty/invalid unicode <field>")."""
     if value is None or value is MISSING:
         raise Drop(f"missing {field}")
     if not isinstance(value, str):
         raise Drop(f"non-string {field}")
     if not value.strip():
         raise Drop(f"empty {field}")
-    return value
+    return check_encodable(value, field)
 
 
 def check_messages(value, field: str = "prompt", check_empty: bool = True) -> list[dict]:
@@ -43,7 +53,7 @@ def check_messages(value, field: str = "prompt", check_empty: bool = True) -> li
             raise Drop(f"{'missing' if content is None else 'non-string'} {field} message")
         if check_empty and not content.strip():
             raise Drop(f"empty {field} message")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": check_encodable(content, f"{field} message")})
     return out
 
 
@@ -55,6 +65,8 @@ def check_score(value, field: str) -> float:
         raise Drop("unparsable score")
     try:
         x = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:  # an integer beyond the float range
+        raise Drop("non-finite score") from None
     except (TypeError, ValueError):
         raise Drop("unparsable score") from None
     if not math.isfinite(x):
@@ -70,6 +82,8 @@ def check_label(value, field: str) -> float:
         raise Drop(f"unparsable {field}")
     try:
         x = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:  # an integer beyond the float range
+        raise Drop(f"non-finite {field}") from None
     except (TypeError, ValueError):
         raise Drop(f"unparsable {field}") from None
     if not math.isfinite(x):
@@ -83,7 +97,7 @@ def opt_text(value, field: str) -> str:
         return ""
     if not isinstance(value, str):
         raise Drop(f"non-string {field}")
-    return value
+    return check_encodable(value, field)
 
 
 def _completion(value, prompt: list[dict], field: str) -> str:

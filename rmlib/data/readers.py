@@ -33,7 +33,10 @@ def _raw_bytes(path: Path) -> bytes:
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a folder, expected a file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # permissions, a broken mount, ...
+        raise DataError(path, f"cannot read the file ({type(e).__name__}: {e.strerror or e})") from None
     if data[:2] == _GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
@@ -56,6 +59,14 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def _loads(text: str, path: Path, line: int | None = None):
+    """json.loads; a value nested too deeply for the parser is a DataError, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to parse", line=line) from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
     """[(1-based line number, parsed value)] for each non-blank line."""
     path = Path(path)
@@ -64,7 +75,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line)))
+            out.append((n, _loads(line, path, n)))
         except json.JSONDecodeError as e:
             raise DataError(path, f"broken JSON line ({e.msg} at column {e.colno})", line=n) from None
     return out
@@ -75,7 +86,7 @@ def read_json(path: str | Path) -> object:
     path = Path(path)
     text = read_text(path)
     try:
-        return json.loads(text)
+        return _loads(text, path)
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=e.lineno) from None
 
@@ -118,7 +129,7 @@ def iter_records(path: str | Path) -> tuple[str, Iterator[tuple[int, object]]]:
     text = read_text(path)
     is_json = name.endswith(".json") or name.endswith(".json.gz")
     try:
-        value = json.loads(text)
+        value = _loads(text, path)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" or not is_json:
             return "line", read_jsonl(path)  # JSON lines (maybe named .json)

@@ -17,8 +17,9 @@ from .reward_bench import load_reward_bench
 
 
 def _alpaca_pairs(path=None, **kw) -> Loaded:
+    """Pairs; the report holds the responses' drops and the pairs skipped as identical."""
     responses, drops = load_alpaca_eval_responses(path)
-    return Loaded(alpaca_eval_pairs(responses, **kw), drops)
+    return Loaded(alpaca_eval_pairs(responses, drops=drops, **kw), drops)
 
 
 LOADERS = {
