@@ -48,3 +48,68 @@ def training_curves(history: pd.DataFrame, title: str = "", eval_accuracy: float
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def head_norm_curves(records: pd.DataFrame):
+    """||W_p|| against the optimizer step, one line per model (BSR paper Fig 1 analogue).
+    ``records``: wide callback records with ``model``, ``step`` and ``w_norm`` columns."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    sns.lineplot(data=records, x="step", y="w_norm", hue="model", marker="o", markersize=3, ax=ax)
+    ax.set_ylabel("||W_p||")
+    ax.set_title("Reward-head norm during training")
+    fig.tight_layout()
+    return fig
+
+
+def pair_distances_by_epoch(distances: pd.DataFrame):
+    """Distribution of ||h(x,y_c) - h(x,y_r)|| on the probe pairs per epoch, one panel per model
+    (BSR paper Fig 2 analogue; epoch 0 = the untrained backbone)."""
+    d = distances.copy()
+    d["epoch"] = d["epoch"].round(2).astype(str)
+    models = list(dict.fromkeys(d["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), sharey=True, squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        sns.violinplot(data=d[d["model"] == model], x="epoch", y="distance", ax=ax, cut=0, inner="quartile",
+                       color="#9ecae1")
+        ax.set_title(model)
+        ax.set_ylabel("||h_c - h_r||")
+    fig.suptitle("Hidden-state distance of chosen vs rejected, per epoch")
+    fig.tight_layout()
+    return fig
+
+
+def hidden_norms_by_split(frame: pd.DataFrame):
+    """||h|| distributions per evaluation split, one box per model (BSR paper Fig 3 analogue).
+    ``frame``: ``rmlib.norms.hidden_norm_frame`` rows of several models."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * frame["split"].nunique(), 3.6))
+    sns.boxplot(data=frame, x="split", y="h_norm", hue="model", ax=ax, fliersize=1.5)
+    ax.set_ylabel("||h|| (last token, final layer)")
+    ax.set_title("Hidden-state norms on in- and out-of-distribution sets")
+    fig.tight_layout()
+    return fig
+
+
+def metric_by_variant(table: pd.DataFrame, x: str = "label", col: str = "scenario", title: str = ""):
+    """Point estimates with their 95% intervals, one panel per ``col`` value and one point per seed.
+    ``table``: tidy rows with ``value``, ``ci_low``, ``ci_high``, ``seed`` and the ``x``/``col`` columns."""
+    panels = list(dict.fromkeys(table[col]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), squeeze=False)
+    order = list(dict.fromkeys(table[x]))
+    seeds = sorted(table["seed"].unique()) if "seed" in table else [None]
+    for ax, panel in zip(axes.flat, panels):
+        sub = table[table[col] == panel]
+        for k, seed in enumerate(seeds):
+            s = sub if seed is None else sub[sub["seed"] == seed]
+            pos = [order.index(v) + (k - (len(seeds) - 1) / 2) * 0.15 for v in s[x]]
+            ax.errorbar(pos, s["value"], yerr=[s["value"] - s["ci_low"], s["ci_high"] - s["value"]], fmt="o",
+                        capsize=3, ms=4, label=None if seed is None else f"seed {seed}")
+        ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
+        ax.set_title(str(panel))
+        metric = sub["metric"].iloc[0] if "metric" in sub and len(sub) else ""
+        ax.set_ylabel(metric)
+    if len(seeds) > 1:
+        axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
