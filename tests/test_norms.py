@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from datasets import Dataset
@@ -17,7 +18,8 @@ from numpy.testing import assert_allclose
 from rmlib.encoding import encode_pairs
 from rmlib.models import ModelSpec, build_reward_model, make_head
 from rmlib.norms import (
-    RECORDS_FILE, NormProbeCallback, check_decomposition, dispersion_statistics,
+    RECORDS_FILE, HiddenStates, NormProbeCallback, check_decomposition, dispersion_findings, dispersion_statistics,
+    erank_shift_table, hidden_norm_frame,
     dispersion_summary, distance_frame, effective_rank, extract_hidden, head_cosines, norm_stats,
     pair_distance_stats, read_records, records_frame, reward_decomposition, skewness, write_records,
 )
@@ -306,3 +308,37 @@ class TestNormProbeCallback:
         wrapper.module = tiny_model
         cb = NormProbeCallback(probe, every_steps=1)
         assert cb.measure(wrapper)["w_norm"] == pytest.approx(tiny_model.head_weight_norm())
+
+
+class TestComparingModels:
+    def _summary(self, model, split, erank, h_mean):
+        return {"model": model, "split": split, "erank": erank, "h_norm_mean": h_mean}
+
+    def test_erank_shift_table_and_findings_follow_the_paper_direction_when_it_holds(self):
+        summaries = pd.DataFrame([
+            self._summary("bt", "train", 23.34, 10.0), self._summary("bt", "ood", 33.76, 20.0),
+            self._summary("bt", "id", 25.0, 12.0),
+            self._summary("bsr", "train", 33.45, 10.0), self._summary("bsr", "ood", 33.59, 10.5),
+            self._summary("bsr", "id", 33.5, 10.2),
+        ])
+        shifts = erank_shift_table(summaries).set_index(["model", "split"])
+        assert shifts.loc[("bt", "ood"), "shift"] == pytest.approx(10.42)
+        assert shifts.loc[("bsr", "ood"), "shift"] == pytest.approx(0.14)
+        records = {"bt": [{"pair_dist_mean": 1.0, "pair_dist_std": 1.0}, {"pair_dist_mean": 3.0, "pair_dist_std": 4.0}],
+                   "bsr": [{"pair_dist_mean": 1.0, "pair_dist_std": 1.0}, {"pair_dist_mean": 1.5, "pair_dist_std": 1.2}]}
+        f = dispersion_findings(records, summaries).set_index(["model", "claim"])
+        assert f.loc[("bt", "pair_dist_growth_mean"), "value"] == pytest.approx(3.0)
+        assert f.loc[("bsr", "pair_dist_growth_std"), "value"] == pytest.approx(1.2)
+        assert f.loc[("bsr", "pair_dist_growth_mean"), "lower_than_baseline"] is True
+        assert f.loc[("bsr", "erank_shift_abs_mean"), "lower_than_baseline"] is True
+        spread_bt = np.std([20.0, 12.0]) / np.mean([20.0, 12.0])
+        assert f.loc[("bt", "h_norm_spread_across_splits"), "value"] == pytest.approx(spread_bt)
+        assert f.loc[("bt", "erank_shift_abs_mean"), "lower_than_baseline"] is None
+        with pytest.raises(ValueError, match="no 'train' split"):
+            erank_shift_table(summaries[summaries["split"] != "train"])
+
+    def test_hidden_norm_frame(self):
+        h = HiddenStates(chosen=np.array([[3.0, 4.0]]), rejected=np.array([[0.0, 2.0]]),
+                         reward_chosen=np.zeros(1), reward_rejected=np.zeros(1))
+        f = hidden_norm_frame({"a": h}, "bt")
+        assert f["h_norm"].tolist() == [5.0, 2.0] and set(f["split"]) == {"a"} and set(f["model"]) == {"bt"}
