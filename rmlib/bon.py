@@ -6,6 +6,8 @@ Three steps, each resumable where it is slow:
    the GRM paper), appended to a JSONL file batch by batch; a rerun skips what is there.
 2. ``score_samples`` / ``score_samples_cached``: proxy and gold rewards of every sample, with
    the prompt re-formatted by each reward model's own chat template (gold and proxy may differ).
+   ``score_samples_multi``: many reward models (gold and proxies) one after the other; top-k
+   models of one backbone share the bottom store, so the frozen bottom runs once in all.
 3. ``bon_expectation`` / ``bon_curve``: the EXACT expected proxy and gold score of the proxy's
    pick when n of the N samples are drawn uniformly without replacement, from order statistics;
    plotted against KL_bon = log n - (n-1)/n and normalized to start at 0 (``proxy_norm``,
@@ -13,12 +15,15 @@ Three steps, each resumable where it is slow:
 
 Sampling determinism. Every sample (prompt_id, sample_index) draws from its own
 ``torch.Generator`` seeded by hash(seed, prompt_id, sample_index): the sampled token of a row never
-depends on which other rows share its batch. A batch is one "chunk" of ONE prompt's samples,
-indices [c * batch_size, (c + 1) * batch_size) cut at n, so a resumed run recomputes exactly the
-batches a fresh run would: with the same n and batch_size, resuming (after a kill, or with more
-prompts) gives a file identical in content to a fresh run. Raising n later keeps the old samples
-and adds new ones from their own streams (identical to a fresh run up to floating-point effects
-of the batch shape).
+depends on which other rows share its batch. Batches are fixed by (number of prompts, n,
+batch_size) alone (``generation_batches``): with n >= batch_size a batch is one "chunk" of ONE
+prompt's samples, indices [c * batch_size, (c + 1) * batch_size) cut at n; with n < batch_size it
+holds all n samples of batch_size // n consecutive prompts (left-padded), so small N still fills
+the batch (batch 32 generates ~13x faster than batch 1 on 2 CPU cores). A resumed run recomputes
+exactly the batches a fresh run would: with the same n and batch_size, resuming (after a kill, or
+with more prompts appended) gives a file identical in content to a fresh run. Raising n later
+keeps the old samples and adds new ones from their own streams (identical to a fresh run up to
+floating-point effects of the batch shape).
 
 File format (``out_path``, JSONL, append-only, flushed per batch):
   {"kind": "prompt", "prompt_id", "messages", "prompt"}            once per prompt
@@ -47,7 +52,7 @@ from tqdm import tqdm
 
 from rmlib.encoding import format_prompt, format_reply, truncate_pair
 from rmlib.results import read_json, write_json_atomic
-from rmlib.scoring import autocast, score_token_sequences
+from rmlib.scoring import autocast, score_replies
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +187,21 @@ def split_response(ids: list[int], stop_token_ids) -> tuple[list[int], bool]:
     return list(ids), False
 
 
+def generation_batches(n_prompts: int, n: int, batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """The generation batches, each a list of (prompt index, sample indices) units.
+
+    n >= batch_size: chunks [c * batch_size, (c + 1) * batch_size) of one prompt's n samples.
+    n < batch_size: all n samples of m = batch_size // n consecutive prompts, [k * m, (k + 1) * m).
+    Depends only on its arguments, so a resumed run redoes exactly the batches of a fresh run.
+    """
+    if n >= batch_size:
+        return [[(i, list(range(start, min(start + batch_size, n))))] for i in range(n_prompts)
+                for start in range(0, n, batch_size)]
+    per_batch = batch_size // n
+    return [[(i, list(range(n))) for i in range(k, min(k + per_batch, n_prompts))]
+            for k in range(0, n_prompts, per_batch)]
+
+
 def _check_sampling_args(prompts, prompt_ids, n, batch_size, max_new_tokens, temperature, top_p) -> list[str]:
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -258,8 +278,8 @@ def sample_responses(
     Returns one row per (prompt, sample_index < n), in prompt order: ``SAMPLE_COLUMNS``.
     ``response`` is the decoded reply without the end-of-turn token; ``response_ids`` its ids
     (also without it), ``n_tokens = len(response_ids)``, ``finished``: a stop token was generated
-    within ``max_new_tokens``. A batch holds the samples of ONE prompt, so choose
-    n >= batch_size for full batches (the Best-of-N setting: N in the hundreds).
+    within ``max_new_tokens``. Batches: ``generation_batches`` (several prompts share a batch
+    when n < batch_size).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -285,17 +305,16 @@ def sample_responses(
     if not meta_path.exists():
         write_json_atomic(meta_path, meta)
 
-    # the work: (prompt, chunk) batches with at least one missing sample; whole chunks are redone
-    chunks = [(i, list(range(start, min(start + batch_size, n))))
-              for i in range(len(ids)) for start in range(0, n, batch_size)]
-    todo = [(i, idx) for i, idx in chunks if any((ids[i], s) not in stored for s in idx)]
-    missing = sum(1 for i, idx in todo for s in idx if (ids[i], s) not in stored)
+    # the work: batches with at least one missing sample; whole batches are redone
+    todo = [units for units in generation_batches(len(ids), n, batch_size)
+            if any((ids[i], s) not in stored for i, idx in units for s in idx)]
+    missing = sum(1 for units in todo for i, idx in units for s in idx if (ids[i], s) not in stored)
     if missing < n * len(ids):
         logger.info("%s: %d of %d samples already there", out_path, n * len(ids) - missing, n * len(ids))
 
     if todo:
-        # generation needs padding on the left (a batch holds one prompt today, so none is added;
-        # pad == eos for SmolLM2, hence the explicit attention mask and pad_token_id)
+        # generation needs padding on the left (prompts of different lengths share a batch when
+        # n < batch_size; pad == eos for SmolLM2, hence the explicit attention mask and pad_token_id)
         left_tok = copy.deepcopy(tokenizer)
         left_tok.padding_side = "left"
         if left_tok.pad_token_id is None:
@@ -310,10 +329,11 @@ def sample_responses(
         policy.eval()
         bar = tqdm(total=missing, desc="sampling", unit="sample", disable=not progress)
         try:
-            for i, idx in todo:
-                pid = ids[i]
-                enc = left_tok([texts[i]] * len(idx), padding=True, add_special_tokens=False, return_tensors="pt")
-                gens = [torch.Generator(device=device).manual_seed(_sample_seed(seed, pid, s)) for s in idx]
+            for units in todo:
+                rows = [(i, s) for i, idx in units for s in idx]  # one generated row per (prompt, sample)
+                enc = left_tok([texts[i] for i, _ in rows], padding=True, add_special_tokens=False,
+                               return_tensors="pt")
+                gens = [torch.Generator(device=device).manual_seed(_sample_seed(seed, ids[i], s)) for i, s in rows]
                 sampler = RowSampler(gens, float(temperature), float(top_p))
                 with torch.no_grad(), autocast(device, bf16):
                     out = policy.generate(
@@ -321,13 +341,14 @@ def sample_responses(
                         generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]),
                     )
                 new_tokens = out[:, enc["input_ids"].shape[1]:].cpu().tolist()  # (B, <= max_new_tokens)
-                batch_rows = []
-                if pid not in stored_prompts:
-                    stored_prompts[pid] = {"kind": "prompt", "prompt_id": pid, "messages": prompts[i],
-                                           "prompt": texts[i]}
-                    batch_rows.append(stored_prompts[pid])
-                for s, gen in zip(idx, new_tokens):
-                    if (pid, s) in stored:  # redone only because its chunk was incomplete
+                batch_rows, n_new = [], 0
+                for (i, s), gen in zip(rows, new_tokens):
+                    pid = ids[i]
+                    if pid not in stored_prompts:
+                        stored_prompts[pid] = {"kind": "prompt", "prompt_id": pid, "messages": prompts[i],
+                                               "prompt": texts[i]}
+                        batch_rows.append(stored_prompts[pid])
+                    if (pid, s) in stored:  # redone only because its batch was incomplete
                         continue
                     reply, finished = split_response(gen, stop_ids)
                     row = {"kind": "sample", "prompt_id": pid, "sample_index": s,
@@ -335,8 +356,9 @@ def sample_responses(
                            "response_ids": reply, "n_tokens": len(reply), "finished": finished}
                     stored[(pid, s)] = row
                     batch_rows.append(row)
+                    n_new += 1
                 _append_jsonl(out_path, batch_rows)
-                bar.update(len(batch_rows) - (batch_rows[0]["kind"] == "prompt"))
+                bar.update(n_new)
         finally:
             bar.close()
             policy.train(was_training)
@@ -353,14 +375,15 @@ def _check_sample_columns(samples_df: pd.DataFrame) -> None:
             raise ValueError(f"samples_df needs a {col!r} column (as returned by sample_responses)")
 
 
-def sample_sequences(tokenizer, samples_df: pd.DataFrame, max_length: int | None = None) -> list[list[int]]:
-    """Token ids of prompt + reply per sample, encoded as in training (``encode_pairs``): the prompt
+def sample_prompt_replies(tokenizer, samples_df: pd.DataFrame,
+                          max_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, reply ids) per sample, encoded as in training (``encode_pairs``): the prompt
     from ``format_prompt`` of the row's messages with THIS tokenizer, the reply from
     ``format_reply`` (ends with the end-of-turn, also for replies cut at max_new_tokens).
     ``max_length``: cut the prompt from the left as ``truncate_pair`` does (None: no cut)."""
     _check_sample_columns(samples_df)
     prompt_cache: dict[str, tuple[str, list[int]]] = {}
-    seqs = []
+    prompts, replies = [], []
     for pid, messages, response in zip(samples_df["prompt_id"], samples_df["messages"], samples_df["response"]):
         if pid not in prompt_cache:
             text = format_prompt(tokenizer, messages)
@@ -369,16 +392,24 @@ def sample_sequences(tokenizer, samples_df: pd.DataFrame, max_length: int | None
         r = tokenizer(format_reply(tokenizer, messages, response, text), add_special_tokens=False)["input_ids"]
         if max_length is not None:
             p, r, _, _, _ = truncate_pair(p, r, r, max_length)
-        seqs.append(list(p) + list(r))
-    return seqs
+        prompts.append(list(p))
+        replies.append(list(r))
+    return prompts, replies
+
+
+def sample_sequences(tokenizer, samples_df: pd.DataFrame, max_length: int | None = None) -> list[list[int]]:
+    """Token ids of prompt + reply per sample (see ``sample_prompt_replies``)."""
+    return [p + r for p, r in zip(*sample_prompt_replies(tokenizer, samples_df, max_length))]
 
 
 def score_samples(reward_model, tokenizer, samples_df: pd.DataFrame, batch_size: int = 16, bf16: bool = True,
                   max_length: int | None = None, progress: bool = True) -> np.ndarray:
-    """Reward of every sample row, in row order: (len(samples_df),) float32."""
-    seqs = sample_sequences(tokenizer, samples_df, max_length)
-    return score_token_sequences(reward_model, seqs, batch_size=batch_size, bf16=bf16, progress=progress,
-                                 desc="scoring samples")
+    """Reward of every sample row, in row order: (len(samples_df),) float32. A frozen-bottom (top-k)
+    reward model scores through the shared bottom store (``rmlib.fastpath``): the samples' bottom
+    activations are computed once for every reward model of the same backbone."""
+    prompts, replies = sample_prompt_replies(tokenizer, samples_df, max_length)
+    return score_replies(reward_model, prompts, replies, batch_size=batch_size, bf16=bf16, progress=progress,
+                         desc="scoring samples")[0]
 
 
 def _sample_key(messages, response: str) -> str:
@@ -389,13 +420,14 @@ def _sample_key(messages, response: str) -> str:
 
 def score_samples_cached(reward_model, tokenizer, samples_df: pd.DataFrame, cache_path, rm_name: str,
                          batch_size: int = 16, bf16: bool = True, max_length: int | None = None,
-                         chunk_size: int = 512, progress: bool = True) -> np.ndarray:
+                         chunk_size: int = 512, progress: bool = True, only_cached: bool = False) -> np.ndarray | None:
     """``score_samples`` with a resumable JSONL cache shared by several reward models.
 
     A cached score is reused when (rm_name, prompt_id, sample_index) match AND the prompt messages,
     the response text and ``max_length`` are the ones it was computed for (a stale row is ignored,
     not trusted).
     Missing scores are computed ``chunk_size`` sequences at a time and appended after each chunk.
+    ``only_cached``: return None instead of computing when any score is missing (no model needed).
     """
     if not rm_name:
         raise ValueError("rm_name must be a non-empty name of the reward model (it keys the cache)")
@@ -411,6 +443,8 @@ def score_samples_cached(reward_model, tokenizer, samples_df: pd.DataFrame, cach
     keys = [(str(p), int(s), _sample_key(m, t)) for p, s, m, t in
             zip(samples_df["prompt_id"], samples_df["sample_index"], samples_df["messages"], samples_df["response"])]
     todo = [k for k, key in enumerate(keys) if key not in cached]
+    if todo and only_cached:
+        return None
     if todo:
         logger.info("%s: scoring %d of %d samples with %s", cache_path, len(todo), len(keys), rm_name)
     bar = tqdm(total=len(todo), desc=f"scoring ({rm_name})", unit="sample", disable=not progress or not todo)
@@ -428,6 +462,65 @@ def score_samples_cached(reward_model, tokenizer, samples_df: pd.DataFrame, cach
         bar.update(len(part))
     bar.close()
     return np.array([cached[key] for key in keys], dtype=np.float32)
+
+
+# -- 2b. many reward models -----------------------------------------------------------------------
+def model_digest(path) -> str:
+    """Identity of a reward model saved by ``save_reward_model``: a hash of its ``rmlib_reward.json``
+    (training config and metrics) and its files' names, sizes and modification times (a retrained or
+    re-exported model gets a new digest; nothing reads the weights, so it is instant)."""
+    path = Path(path)
+    meta = path / "rmlib_reward.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{path} is not an rmlib reward model: rmlib_reward.json is missing")
+    h = hashlib.sha1(meta.read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def score_samples_multi(models: dict, tokenizer, samples_df: pd.DataFrame, cache_path=None, batch_size: int = 16,
+                        bf16: bool = True, max_length: int | None = None, chunk_size: int = 512,
+                        cache_keys: dict | None = None, progress: bool = True) -> pd.DataFrame:
+    """Scores of every sample by every reward model: ``prompt_id``, ``sample_index`` and one float32
+    column per model name, in row order.
+
+    models: ``{name: RewardModel or saved folder}``, all using ``tokenizer``. A folder is loaded
+    only if some of its scores are missing, and released after scoring, so models are never all in
+    memory at once. Top-k reward models of one backbone share the bottom store: the first one
+    computes the samples' frozen-bottom activations, the others run only their top layers.
+    ``cache_path``: the resumable JSONL cache of ``score_samples_cached``, keyed per model by
+    ``cache_keys[name]`` (default the name; use ``name@model_digest(folder)`` so a retrained model
+    is not served stale scores).
+    """
+    from rmlib.models import load_reward_model
+
+    if not models:
+        raise ValueError("models is empty: pass {name: RewardModel or folder}")
+    _check_sample_columns(samples_df)
+    out = pd.DataFrame({"prompt_id": samples_df["prompt_id"].astype(str).to_numpy(),
+                        "sample_index": samples_df["sample_index"].astype(int).to_numpy()})
+    for name, model in models.items():
+        key = (cache_keys or {}).get(name, name)
+        if cache_path is not None and isinstance(model, (str, os.PathLike)):
+            done = score_samples_cached(None, tokenizer, samples_df, cache_path, key, batch_size, bf16, max_length,
+                                        chunk_size, progress=False, only_cached=True)
+            if done is not None:
+                out[name] = done
+                continue
+        if isinstance(model, (str, os.PathLike)):
+            model = load_reward_model(model)
+            if torch.cuda.is_available():
+                model.to("cuda")
+        if cache_path is None:
+            out[name] = score_samples(model, tokenizer, samples_df, batch_size, bf16, max_length, progress)
+        else:
+            out[name] = score_samples_cached(model, tokenizer, samples_df, cache_path, key, batch_size, bf16,
+                                             max_length, chunk_size, progress)
+        del model
+    return out
 
 
 # -- 3. the exact Best-of-n estimator ------------------------------------------------------------
@@ -510,15 +603,16 @@ def default_ns(N: int, num: int = 20) -> list[int]:
     return sorted({1, int(N), *map(int, grid)})
 
 
-def bon_curve(df: pd.DataFrame, ns=None, prompt_col: str = "prompt_id", proxy_col: str = "proxy",
-              gold_col: str = "gold") -> pd.DataFrame:
-    """Best-of-n curve over prompts: one row per n (``CURVE_COLUMNS``).
+PER_PROMPT_COLUMNS = ["prompt_id", "n", "proxy", "gold", "proxy_base", "gold_base"]
 
-    proxy / gold: mean over prompts of the exact per-prompt expectations; *_sem: their standard
-    error across prompts (NaN with one prompt); kl_bon = log n - (n-1)/n; proxy_norm / gold_norm:
-    minus the value at n = 1 (computed even when 1 is not in ``ns``), so curves start at 0 as in
-    the GRM paper. Prompts may have different N; every n must be <= the smallest N.
-    ns: default ``default_ns(smallest N)``.
+
+def bon_per_prompt(df: pd.DataFrame, ns=None, prompt_col: str = "prompt_id", proxy_col: str = "proxy",
+                   gold_col: str = "gold") -> pd.DataFrame:
+    """Exact per-prompt Best-of-n expectations: one row per (prompt, n), ``PER_PROMPT_COLUMNS``.
+
+    proxy / gold: E[score of the proxy's pick] among n of the prompt's N samples (``bon_expectation``);
+    proxy_base / gold_base: the prompt's n = 1 values (its mean scores). Prompts sorted by id; every
+    n must be <= the smallest N. ns: default ``default_ns(smallest N)``.
     """
     for col in (prompt_col, proxy_col, gold_col):
         if col not in df.columns:
@@ -535,16 +629,32 @@ def bon_curve(df: pd.DataFrame, ns=None, prompt_col: str = "prompt_id", proxy_co
         short = [pid for pid, size in sizes.items() if size < max(ns)]
         raise ValueError(f"ns goes up to {max(ns)} but {len(short)} prompt(s) have fewer samples "
                          f"(smallest N = {n_min}; e.g. {short[:5]})")
-    exp_p = np.zeros((len(groups), len(ns)))  # (prompts, ns)
-    exp_g = np.zeros((len(groups), len(ns)))
-    base_p = np.zeros(len(groups))
-    base_g = np.zeros(len(groups))
-    for k, (_, proxy, gold) in enumerate(groups):
+    parts = []
+    for pid, proxy, gold in groups:
         p, g = _sorted_with_tie_means(proxy, gold)
         weights = np.stack([_rank_weights(p.size, n) for n in ns])  # (ns, N)
-        exp_p[k], exp_g[k] = weights @ p, weights @ g
-        base_p[k], base_g[k] = proxy.mean(), gold.mean()  # n = 1
-    P = len(groups)
+        parts.append(pd.DataFrame({"prompt_id": pid, "n": ns, "proxy": weights @ p, "gold": weights @ g,
+                                   "proxy_base": proxy.mean(), "gold_base": gold.mean()}))
+    return pd.concat(parts, ignore_index=True)[PER_PROMPT_COLUMNS]
+
+
+def bon_curve(df: pd.DataFrame, ns=None, prompt_col: str = "prompt_id", proxy_col: str = "proxy",
+              gold_col: str = "gold") -> pd.DataFrame:
+    """Best-of-n curve over prompts: one row per n (``CURVE_COLUMNS``).
+
+    proxy / gold: mean over prompts of the exact per-prompt expectations (``bon_per_prompt``);
+    *_sem: their standard error across prompts (NaN with one prompt); kl_bon = log n - (n-1)/n;
+    proxy_norm / gold_norm: minus the value at n = 1 (computed even when 1 is not in ``ns``), so
+    curves start at 0 as in the GRM paper. Prompts may have different N; every n must be <= the
+    smallest N. ns: default ``default_ns(smallest N)``.
+    """
+    per = bon_per_prompt(df, ns, prompt_col, proxy_col, gold_col)
+    ns = per["n"].tolist()[: len(per) // per["prompt_id"].nunique()]  # the grid, as given (per prompt)
+    exp_p = per["proxy"].to_numpy().reshape(-1, len(ns))  # (prompts, ns)
+    exp_g = per["gold"].to_numpy().reshape(-1, len(ns))
+    base_p = per["proxy_base"].to_numpy()[:: len(ns)]  # (prompts,)
+    base_g = per["gold_base"].to_numpy()[:: len(ns)]
+    P = exp_p.shape[0]
 
     def sem(x):
         return x.std(axis=0, ddof=1) / math.sqrt(P) if P > 1 else np.full(x.shape[1], np.nan)

@@ -51,7 +51,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("center", "BT + centering", loss="center", loss_params={"coef": 0.01}),
     Variant("grm", "GRM (SFT reg.)", regularizer="sft"),
     Variant("grm_dpo_noref", "GRM (DPO-noref reg.)", regularizer="dpo_noref"),
-    Variant("bsr+grm", "BSR + GRM", loss="bsr", bsr_lambda=1e-3, regularizer="sft"),
+    Variant("bsr_grm", "BSR + GRM", loss="bsr", bsr_lambda=1e-3, regularizer="sft"),
 ]}
 
 
@@ -82,23 +82,46 @@ def variant_config(variant: Variant | str, seed: int, run_dir: str | Path, prefi
                     **variant.config_fields(batch), **settings)
 
 
+def train_configs(configs: dict[str, RMConfig], train_pairs, eval_pairs=None,
+                  callbacks: Callable[[str], list] | None = None) -> dict[str, TrainResult]:
+    """Train (or reuse: ``train_reward_model(..., reuse=True)``) every named config in turn.
+
+    The returned results hold no model (``model`` is None, freed after each run so a grid never
+    holds several models in memory); ``load(result)`` loads the export when it is needed.
+    ``callbacks(name)`` gives per-run trainer callbacks (e.g. a NormProbeCallback)."""
+    import gc
+
+    results = {}
+    for name, config in configs.items():
+        logger.info("training %s -> %s", name, config.output_dir)
+        result = train_reward_model(config, train_pairs, eval_pairs, callbacks=callbacks(name) if callbacks else None,
+                                    reuse=True)
+        result.model = None
+        results[name] = result
+        gc.collect()
+    return results
+
+
+def load(result: TrainResult):
+    """The exported reward model of a run (``<output_dir>/final``), ready to score."""
+    from rmlib.models import load_reward_model
+
+    return load_reward_model(result.final_dir)
+
+
 def train_grid(variants: Sequence[str], seeds: Sequence[int], train_pairs, eval_pairs=None, *, run_dir: str | Path,
                prefix: str = "", callbacks: Callable[[Variant, int], list] | None = None,
                **settings) -> dict[tuple[str, int], TrainResult]:
-    """Train (or reuse) every (variant, seed) on the same data; {(variant, seed): TrainResult}.
-
-    ``callbacks(variant, seed)`` gives per-run trainer callbacks (e.g. a NormProbeCallback)."""
+    """Train (or reuse) every (variant, seed) on the same data; {(variant, seed): TrainResult}
+    (models freed: see ``train_configs``). ``callbacks(variant, seed)`` gives per-run callbacks."""
     chosen = get_variants(variants)
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed")
-    results = {}
-    for seed in seeds:
-        for variant in chosen:
-            config = variant_config(variant, seed, run_dir, prefix, **settings)
-            logger.info("training %s (seed %d) -> %s", variant.name, seed, config.output_dir)
-            cbs = callbacks(variant, seed) if callbacks else None
-            results[(variant.name, seed)] = train_reward_model(config, train_pairs, eval_pairs, callbacks=cbs, reuse=True)
-    return results
+    keys = {run_name(v.name, s, prefix): (v, s) for s in seeds for v in chosen}
+    configs = {name: variant_config(v, s, run_dir, prefix, **settings) for name, (v, s) in keys.items()}
+    per_run = (lambda name: callbacks(*keys[name])) if callbacks else None
+    done = train_configs(configs, train_pairs, eval_pairs, per_run)
+    return {(keys[name][0].name, keys[name][1]): result for name, result in done.items()}
 
 
 def grid_table(results: dict[tuple[str, int], TrainResult]) -> pd.DataFrame:

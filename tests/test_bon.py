@@ -27,7 +27,7 @@ from rmlib.bon import (
     split_response,
 )
 from rmlib.encoding import format_prompt, format_reply
-from rmlib.models import RewardModel
+from rmlib.models import RewardModel, save_reward_model
 
 from conftest import make_tiny_lm
 
@@ -358,9 +358,9 @@ class TestScoring:
     def test_cache_resumes_and_keys_by_model(self, fresh, reward_model, tokenizer, tmp_path, monkeypatch):
         df, cache = fresh[0], tmp_path / "scores.jsonl"
         scored = []
-        original = bon.score_token_sequences
-        monkeypatch.setattr(bon, "score_token_sequences", lambda m, seqs, **kw: scored.append(len(seqs)) or
-                            original(m, seqs, **kw))
+        original = bon.score_replies
+        monkeypatch.setattr(bon, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
+                            original(m, prompts, replies, **kw))
         kw = dict(batch_size=4, bf16=False, progress=False)
         direct = score_samples(reward_model, tokenizer, df, **kw)
         scored.clear()
@@ -386,3 +386,139 @@ class TestScoring:
         assert scored == [2]  # stale cached scores (other reply, other prompt) are not trusted
         with pytest.raises(ValueError, match="messages"):
             score_samples_cached(reward_model, tokenizer, df.drop(columns="messages"), cache, "proxy", **kw)
+
+
+# -- several prompts per generation batch (n < batch_size) -------------------------------------------
+def test_generation_batches():
+    assert bon.generation_batches(2, 5, 2) == [[(0, [0, 1])], [(0, [2, 3])], [(0, [4])], [(1, [0, 1])],
+                                               [(1, [2, 3])], [(1, [4])]]
+    assert bon.generation_batches(5, 4, 9) == [[(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3])],
+                                               [(2, [0, 1, 2, 3]), (3, [0, 1, 2, 3])], [(4, [0, 1, 2, 3])]]
+    assert bon.generation_batches(3, 4, 4) == [[(i, [0, 1, 2, 3])] for i in range(3)]
+    # fixed by the arguments alone: appending prompts never regroups the earlier ones
+    assert bon.generation_batches(4, 4, 9)[:1] == bon.generation_batches(5, 4, 9)[:1]
+
+
+LONG_PROMPTS = [[{"role": "user", "content": "Hi."}],
+                [{"role": "user", "content": "Please write a long and careful answer about the history of tea."}],
+                [{"role": "user", "content": "Why?"}]]
+
+
+class TestPackedSampling:
+    def test_packed_equals_one_prompt_per_batch(self, policy, tokenizer, tmp_path, count_generate):
+        alone = sample_responses(policy, tokenizer, LONG_PROMPTS, IDS, out_path=tmp_path / "a.jsonl", batch_size=4,
+                                 **SMALL)
+        assert count_generate == [4, 4, 4]
+        count_generate.clear()
+        packed = sample_responses(policy, tokenizer, LONG_PROMPTS, IDS, out_path=tmp_path / "p.jsonl", batch_size=12,
+                                  **SMALL)
+        assert count_generate == [12]  # three prompts of different lengths, left-padded into one batch
+        pd.testing.assert_frame_equal(packed, alone)  # same per-sample streams, padding changes nothing
+
+    def test_packed_resume_redoes_only_incomplete_batches(self, policy, tokenizer, tmp_path, count_generate):
+        path = tmp_path / "s.jsonl"
+        sample_responses(policy, tokenizer, LONG_PROMPTS[:1], IDS[:1], out_path=path, batch_size=8, **SMALL)
+        assert count_generate == [4]
+        count_generate.clear()
+        df = sample_responses(policy, tokenizer, LONG_PROMPTS, IDS, out_path=path, batch_size=8, **SMALL)
+        assert count_generate == [8, 4]  # batch (q0, q1) redone for q1; q2 alone
+        fresh = sample_responses(policy, tokenizer, LONG_PROMPTS, IDS, out_path=tmp_path / "f.jsonl", batch_size=8,
+                                 **SMALL)
+        pd.testing.assert_frame_equal(df, fresh)
+
+
+# -- many reward models on one frozen bottom -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def rm_family(tokenizer, tmp_path_factory):
+    """Three saved top-1 RMs of one tiny backbone (layers 0..2 frozen, layer 3 and the head differ, as
+    top-k training leaves them) and a fourth, full-mode RM of another backbone."""
+    from rmlib.models import ModelSpec, build_reward_model
+
+    root = tmp_path_factory.mktemp("family")
+    paths = {}
+    for k in range(3):
+        rm = build_reward_model(ModelSpec(backbone="tiny", mode="topk", top_k_layers=1),
+                                lm=make_tiny_lm(tokenizer, seed=0, layers=4), seed=10 + k)
+        torch.manual_seed(10 + k)
+        with torch.no_grad():
+            for p in rm.decoder.layers[3].parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        paths[f"rm{k}"] = save_reward_model(rm, root / f"rm{k}", tokenizer, dtype=torch.float32)
+    other = build_reward_model(ModelSpec(backbone="tiny2", mode="full"), lm=make_tiny_lm(tokenizer, seed=5, layers=4))
+    paths["other"] = save_reward_model(other, root / "other", tokenizer, dtype=torch.float32)
+    return paths
+
+
+class TestManyRewardModels:
+    @pytest.mark.parametrize("names", [("rm0", "rm1", "rm2"), ("rm0", "other"), ("rm1",)])
+    def test_scores_equal_each_models_plain_forward(self, rm_family, fresh, tokenizer, names, tmp_path, monkeypatch):
+        from rmlib.models import load_reward_model
+
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        df = fresh[0]
+        got = bon.score_samples_multi({k: rm_family[k] for k in names}, tokenizer, df, batch_size=5, bf16=False,
+                                      progress=False)
+        assert list(got.columns) == ["prompt_id", "sample_index", *names] and len(got) == len(df)
+        monkeypatch.setenv("RMLIB_FASTPATH", "0")  # the reference: whole sequences, no store
+        for k in names:
+            ref = score_samples(load_reward_model(rm_family[k]), tokenizer, df, batch_size=3, bf16=False,
+                                progress=False)
+            np.testing.assert_allclose(got[k], ref, atol=1e-5)
+
+    def test_the_bottom_runs_once_for_all_models_of_one_backbone(self, rm_family, fresh, tokenizer, tmp_path,
+                                                                  monkeypatch):
+        from rmlib import fastpath
+
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        computed = []
+        real = fastpath.bottom_prompt_replies
+        monkeypatch.setattr(fastpath, "bottom_prompt_replies",
+                            lambda d, p, r, *a: computed.append(len(r)) or real(d, p, r, *a))
+        bon.score_samples_multi({k: rm_family[k] for k in ("rm0", "rm1", "rm2")}, tokenizer, fresh[0], bf16=False,
+                                progress=False)
+        assert sum(computed) == len(fresh[0])  # every sample once, for the first model only
+        assert len(list((tmp_path / "bottom").iterdir())) == 1
+
+    def test_cache_resumes_per_model_and_loads_only_what_it_needs(self, rm_family, fresh, tokenizer, tmp_path,
+                                                                   monkeypatch):
+        from rmlib import models as rm_models
+
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        df, cache = fresh[0], tmp_path / "scores.jsonl"
+        scored, loaded = [], []
+        original, load = bon.score_samples, rm_models.load_reward_model
+        monkeypatch.setattr(bon, "score_samples", lambda m, t, d, *a, **k: scored.append(len(d)) or
+                            original(m, t, d, *a, **k))
+        monkeypatch.setattr(rm_models, "load_reward_model", lambda p, *a, **k: loaded.append(p) or load(p, *a, **k))
+        dirs = {k: rm_family[k] for k in ("rm0", "rm1")}
+        kw = dict(bf16=False, progress=False, cache_keys={"rm0": "rm0@v1", "rm1": "rm1@v1"})
+        first = bon.score_samples_multi(dirs, tokenizer, df.iloc[:5], cache, chunk_size=3, **kw)
+        assert scored == [3, 2, 3, 2] and len(loaded) == 2
+        scored.clear()
+        full = bon.score_samples_multi(dirs, tokenizer, df, cache, **kw)
+        assert scored == [7, 7]
+        pd.testing.assert_frame_equal(full.iloc[:5], first)
+        scored.clear(), loaded.clear()
+        pd.testing.assert_frame_equal(bon.score_samples_multi(dirs, tokenizer, df, cache, **kw), full)
+        assert scored == [] and loaded == []  # everything cached: no model loaded
+        bon.score_samples_multi(dirs, tokenizer, df, cache, **{**kw, "cache_keys": {"rm0": "rm0@v2", "rm1": "rm1@v1"}})
+        assert scored == [12]  # a new version of rm0 is scored again
+        with pytest.raises(ValueError, match="models is empty"):
+            bon.score_samples_multi({}, tokenizer, df)
+
+    def test_model_digest_changes_with_a_new_export(self, rm_family, tmp_path, tokenizer):
+        d0 = bon.model_digest(rm_family["rm0"])
+        assert d0 == bon.model_digest(rm_family["rm0"]) and d0 != bon.model_digest(rm_family["rm1"])
+        with pytest.raises(FileNotFoundError, match="rmlib_reward.json"):
+            bon.model_digest(tmp_path)
+
+
+def test_bon_per_prompt_matches_bon_expectation():
+    df = scores_frame()
+    per = bon.bon_per_prompt(df, ns=[1, 4, 9])
+    assert list(per.columns) == bon.PER_PROMPT_COLUMNS and len(per) == 3 * 3
+    for _, row in per.iterrows():
+        g = df[df["prompt_id"] == row["prompt_id"]]
+        p_exp, g_exp = bon_expectation(g["proxy"], g["gold"], int(row["n"]))
+        assert row["proxy"] == pytest.approx(p_exp, abs=1e-12) and row["gold"] == pytest.approx(g_exp, abs=1e-12)
+        assert row["gold_base"] == pytest.approx(g["gold"].mean(), abs=1e-12)

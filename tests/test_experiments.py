@@ -20,7 +20,7 @@ class TestVariants:
     def test_bsr_lambda_is_the_official_one_times_the_per_device_batch(self, batch):
         assert experiments.VARIANTS["bsr"].config_fields(batch)["loss_params"] == {"lam": pytest.approx(1e-3 * batch)}
         assert experiments.VARIANTS["bsr_1e-2"].config_fields(batch)["loss_params"]["lam"] == pytest.approx(1e-2 * batch)
-        both = experiments.VARIANTS["bsr+grm"].config_fields(batch)
+        both = experiments.VARIANTS["bsr_grm"].config_fields(batch)
         assert both["regularizer"] == "sft" and both["loss"] == "bsr"
 
     def test_unknown_or_repeated_variant_is_named(self):
