@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv reproduce test test-unit test-dist lab clean-runs
+.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick
 
 venv: $(STAMP)
 
@@ -37,6 +37,14 @@ test-unit: $(STAMP)
 ## The two-process accelerate tests alone (they also run in `make test`)
 test-dist: $(STAMP)
 	$(PY) -m pytest -q -m dist tests
+
+## Speed benchmark (issue 9): bench/results.md + bench/results.json (~45 min on a quiet 2-core machine)
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+## Every benchmark measurement on tiny sizes (~3 min): checks the harness, the numbers mean nothing
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

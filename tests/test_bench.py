@@ -1,0 +1,238 @@
+"""The benchmark's logic, not its speeds: FLOP/MFU arithmetic on made-up numbers, the report
+writer (every row, the exact ratio line), and the TRL dataset conversion on real HH pairs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` lives at the repo root
+
+from bench import report  # noqa: E402
+from bench.report import (  # noqa: E402
+    ALL_PAIRS_LINE_PREFIX, RATIO_LINE_PREFIX, forward_flops, full_ft_flops, matmul_flops, mfu, param_counts,
+    ratio_line, render_markdown, summarize, token_counts, topk_work_flops,
+)
+from conftest import make_tiny_lm  # noqa: E402
+
+RATIO_RE = re.compile(r"training speed vs TRL RewardTrainer: \d+\.\d\dx")
+
+
+# -- arithmetic ---------------------------------------------------------------------------------------
+def test_flops_and_mfu_on_made_up_numbers():
+    assert matmul_flops(2048) == 2 * 2048 ** 3
+    assert full_ft_flops(100e6, 1000) == 6e11
+    assert forward_flops(100e6, 1000) == 2e11
+    # bottom 80M params over 600 stored tokens (forward), top 20M params over 1000 tokens (train)
+    assert topk_work_flops(80e6, 600, 20e6, 1000) == 2 * 80e6 * 600 + 6 * 20e6 * 1000
+    # 6 * 106M * 10,000 tokens in 20 s on a 365 GFLOP/s peak: 6.36e12 / 20 / 3.65e11 = 87.1%
+    assert mfu(full_ft_flops(106e6, 10_000), 20.0, 365e9) == pytest.approx(6.36e12 / 20 / 365e9)
+    assert mfu(1e12, 0, 365e9) is None and mfu(1e12, 1.0, None) is None and mfu(None, 1.0, 1e9) is None
+
+
+def test_ratio_line_format():
+    line = ratio_line(2.0, 0.8)
+    assert line == "training speed vs TRL RewardTrainer: 2.50x" and RATIO_RE.fullmatch(line)
+    assert ratio_line(0.9, 0.9) == "training speed vs TRL RewardTrainer: 1.00x"
+    assert ratio_line(None, 0.8, "trl failed") == "training speed vs TRL RewardTrainer: n/a (trl failed)"
+    assert ratio_line(1.0, 0.0).endswith("n/a (not measured)")
+
+
+def test_token_counts_count_the_prompt_once_per_side_or_once_in_the_store():
+    prompts = [[1, 2, 3], [1, 2, 3], [4, 5]]  # the first two pairs share a prompt
+    chosen, rejected = [[7], [8, 9], [7]], [[6, 6], [9], [6]]
+    t = token_counts(prompts, chosen, rejected)
+    assert t["pairs"] == 3
+    assert t["plain"] == 2 * (3 + 3 + 2) + (1 + 2 + 1) + (2 + 1 + 1)  # 16 + 4 + 4
+    assert t["store"] == (3 + 2) + (1 + 2 + 1) + (2 + 1 + 1)  # each distinct prompt once
+    assert t["prompt_share"] == pytest.approx(16 / 24)
+    assert t["prompt_share_once"] == pytest.approx(8 / 16)
+
+
+def test_param_counts_split_bottom_and_top(tokenizer):
+    from rmlib.models import RewardModel
+
+    model = RewardModel(make_tiny_lm(tokenizer, layers=4, hidden=32))
+    dec = model.decoder
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    c = param_counts(dec, model.head, start_layer=3)
+    assert c["embedding"] == len(tokenizer) * 32
+    assert c["bottom"] == sum(n(layer) for layer in dec.layers[:3])
+    assert c["top"] == n(dec.layers[3]) + n(dec.norm) + n(model.head)
+    assert c["non_embedding"] == c["bottom"] + c["top"] == sum(n(layer) for layer in dec.layers) + n(dec.norm) + 32
+    assert param_counts(dec, model.head, 0)["bottom"] == 0
+    with pytest.raises(ValueError, match="start_layer"):
+        param_counts(dec, model.head, 5)
+
+
+# -- the report ---------------------------------------------------------------------------------------
+PARAMS = {"embedding": 28_311_552, "non_embedding": 106_000_000, "bottom": 92_000_000, "top": 14_000_000,
+          "layers": 30, "start_layer": 26}
+EVAL = {"accuracy_all": 0.60, "accuracy_kept": 0.62, "n_all": 300, "n_kept": 240, "seconds": 50.0}
+
+
+def _m(result, rss_gib=2.0):
+    return {"ok": True, "result": result, "error": None, "returncode": 0, "run_id": "r1", "wall_seconds": 10.0,
+            "peak_rss_bytes": int(rss_gib * 2 ** 30)}
+
+
+def made_up_results() -> dict:
+    """Every measurement, with round numbers: TRL 320 pairs in 400 s (0.8 pairs/s); rmlib top-k 320
+    pairs in 100 s store + 60 s train (2.0 pairs/s incl. store: 2.50x)."""
+    toks = {"pairs": 320, "plain": 100_000, "store": 66_000, "prompt_share": 0.34}
+    train = lambda mode, subset, pairs, tr, st, acc: {  # noqa: E731
+        "mode": mode, "subset": subset, "pairs": pairs, "steps": pairs // 4, "train_seconds": tr, "store_seconds": st,
+        "params": {**PARAMS, "start_layer": 26 if mode == "topk" else 0}, "tokens": toks,
+        "eval": {**EVAL, "accuracy_all": acc}}
+    m = {
+        "peak": _m({"best_size": 2048, "best_size_fp32": 2048, "peak_bf16_flops": 365e9, "peak_fp32_flops": 153e9,
+                    "bf16_gflops": {"2048": 365.0}, "fp32_gflops": {"2048": 153.0}}, 0.3),
+        "trl": _m({"pairs_in": 400, "pairs_kept": 320, "pairs_dropped": 80, "pairs_trained": 320,
+                   "train_seconds": 400.0, "real_tokens": 100_000, "padded_tokens": 156_250, "pad_fraction": 0.36,
+                   "max_length": 256, "params": PARAMS, "eval": EVAL}, 6.0),
+        "rmlib_full_kept": _m(train("full", "kept", 320, 427.0, None, 0.605), 5.5),
+        "rmlib_topk_kept": _m(train("topk", "kept", 320, 60.0, 100.0, 0.595), 2.3),
+        "rmlib_topk_all": _m(train("topk", "all", 400, 80.0, 133.0, 0.60), 2.4),
+        "scoring": _m({"responses": 200, "batch_size": 16, "top_k_layers": 4,
+                       "plain_batched": {"seconds": 40.0, "responses_per_second": 5.0},
+                       "per_example": {"seconds": 100.0, "responses_per_second": 2.0},
+                       "store_topk": {"seconds": 8.0, "responses_per_second": 25.0, "build_seconds": 30.0},
+                       "max_abs_diff_plain_vs_loop": 0.01, "max_abs_diff_store_vs_plain": 0.02}),
+        "generation": _m({"prompts": 8, "samples_per_prompt": 8, "max_new_tokens": 128,
+                          "batched": {"batch_size": 32, "rows": 64, "tokens": 8000, "seconds": 40.0,
+                                      "tokens_per_second": 200.0},
+                          "batch1": {"rows": 8, "tokens": 1000, "seconds": 66.7, "tokens_per_second": 15.0}}),
+        "sweep_one": _m({"variants": ["bt"], "pairs": 200, "total_seconds": 100.0,
+                         "runs": [{"variant": "bt", "seconds": 100.0, "store_seconds": 60.0, "train_seconds": 35.0}]}),
+        "sweep": _m({"variants": list(report.SWEEP_VARIANTS), "pairs": 200, "total_seconds": 400.0,
+                     "runs": [{"variant": v, "seconds": 400 / 6, "store_seconds": 1.0, "train_seconds": 50.0}
+                              for v in report.SWEEP_VARIANTS]}),
+    }
+    meta = {"quick": False, "threads": 2, "model": "SmolLM2-135M-Instruct", "started": "s", "finished": "f",
+            "wall_seconds": 2400.0, "loadavg_before": "0.1", "loadavg_after": "2.0",
+            "sizes": {"n_train": 400, "n_eval": 300, "seed": 0, "max_length": 256, "batch_pairs": 4,
+                      "learning_rate": 1e-5},
+            "machine": {"cpu_model": "AMD EPYC test", "cpus": 2, "cpus_usable": 2, "torch": "2.13.0",
+                        "transformers": "5.23.0", "trl": "1.16.0", "python": "3.11", "bf16_isa": "avx512_bf16"}}
+    return {"meta": meta, "measurements": m}
+
+
+def test_summary_numbers():
+    s = summarize(made_up_results())
+    assert s["trl_pps"] == pytest.approx(0.8)
+    assert s["trl_mfu"] == pytest.approx(6 * 106e6 * 100_000 / 400 / 365e9)
+    k = s["rmlib_topk_kept"]
+    assert k["pps_incl_store"] == pytest.approx(2.0) and k["ratio_incl_store"] == pytest.approx(2.5)
+    assert k["pps_train"] == pytest.approx(320 / 60) and k["ratio_train"] == pytest.approx(320 / 60 / 0.8)
+    assert k["mfu_work_incl_store"] == pytest.approx((2 * 92e6 * 66_000 + 6 * 14e6 * 100_000) / 160 / 365e9)
+    assert k["mfu_top_train"] == pytest.approx(6 * 14e6 * 100_000 / 60 / 365e9)
+    assert k["mfu_store"] == pytest.approx(2 * 92e6 * 66_000 / 100 / 365e9)
+    assert s["rmlib_full_kept"]["mfu"] == pytest.approx(6 * 106e6 * 100_000 / 427 / 365e9)
+    assert s["rmlib_topk_all"]["ratio_incl_store"] == pytest.approx(400 / 213 / 0.8)
+    assert s["scoring_plain_ratio"] == pytest.approx(2.5) and s["scoring_store_ratio"] == pytest.approx(12.5)
+    assert s["generation_ratio"] == pytest.approx(200 / 15)
+    assert s["sweep_ratio"] == pytest.approx(4.0)
+
+
+def test_report_has_every_row_and_one_exact_ratio_line():
+    md = render_markdown(made_up_results())
+    lines = md.splitlines()
+    ratio_lines = [l for l in lines if l.startswith(RATIO_LINE_PREFIX)]
+    assert ratio_lines == ["training speed vs TRL RewardTrainer: 2.50x"]
+    assert RATIO_RE.fullmatch(ratio_lines[0])
+    assert any(l.startswith(ALL_PAIRS_LINE_PREFIX + f"{400 / 213 / 0.8:.2f}x") for l in lines)
+    for text in ["bf16 matmul peak, 2048³", "365 GFLOP/s", "fp32 matmul peak", "2.39x (bf16 vs fp32)",
+                 "TRL RewardTrainer (defaults, grad. ckpt off), 320 kept pairs (80 of 400 dropped)", "0.800 pairs/s",
+                 "mode full (plain path), same 320 kept pairs", "mode topk (top 4 layers), same 320 kept pairs, incl. "
+                 "one-time store build", "2.000 pairs/s", "2.50x vs TRL", "training only (store built)",
+                 "mode topk (top 4 layers), all 400 pairs", "per-example forward loop", "2.50x vs per-example",
+                 "12.50x vs per-example", "batch-1 model.generate", "13.33x vs batch 1", "one BT run",
+                 f"6-loss sweep ({', '.join(report.SWEEP_VARIANTS)})", "4.00x vs one run",
+                 "(model FLOPs)", "(work done)", "(top layers)", "6.00 GiB", "60.0% / 62.0%", "59.5% / 62.0%",
+                 "AMD EPYC test", "torch 2.13.0 (2 threads)", "36.0% of the tokens", "num_train_epochs=1",
+                 "activation_checkpointing=False", "## Targets", "## Definitions"]:
+        assert text in md, text
+    # every main-table row has the same number of cells as its header
+    table = [l for l in lines if l.startswith("| ")]
+    header = table[0].count(" | ")
+    main_rows = table[1 : 1 + len(report.main_rows(made_up_results(), summarize(made_up_results())))]
+    assert all(r.count(" | ") == header for r in main_rows)
+    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 2
+    assert "QUICK" not in md and "Warning" not in md
+
+
+def test_targets_rows():
+    rows = report.target_rows(made_up_results(), summarize(made_up_results()))
+    speed = rows[0]
+    assert "2.50x" in speed[1] and "Δ -0.5 pt" in speed[1] and speed[2] == "yes"
+    assert rows[3][1] == "4.00x" and rows[3][2] == "**no**"  # sweep 4x > 1.5x
+    assert "plain: **no**, store: yes" == rows[2][2]
+
+
+def test_report_with_a_failed_and_a_missing_measurement():
+    res = made_up_results()
+    res["meta"]["quick"] = True
+    res["measurements"]["trl"] = {"ok": False, "result": None, "error": "Traceback ...\nRuntimeError: boom",
+                                  "returncode": 1, "run_id": "r2", "peak_rss_bytes": 2 ** 30}
+    del res["measurements"]["sweep"]
+    md = render_markdown(res)
+    line = next(l for l in md.splitlines() if l.startswith(RATIO_LINE_PREFIX))
+    assert line.startswith("training speed vs TRL RewardTrainer: n/a (trl FAILED: RuntimeError: boom")
+    assert "QUICK MODE" in md and "2 separate runs" in md
+    assert "| 6-loss sweep | not run |" in md
+    assert "– vs TRL" in md  # ratios against a failed baseline are shown as missing
+
+
+def test_outputs_are_written_atomically(tmp_path):
+    from bench.run import write_outputs
+
+    res = made_up_results()
+    write_outputs(res, tmp_path / "results.md", tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+    assert (tmp_path / "results.md").read_text() == render_markdown(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temp files left
+
+
+def test_default_sizes_fit_the_budget_and_quick_is_tiny():
+    from bench.run import QUICK, Sizes, estimate_seconds, plan
+
+    assert estimate_seconds(Sizes()) <= 45 * 60
+    quick = Sizes(**QUICK)
+    assert quick.n_train <= 16 and quick.n_eval <= 16 and quick.n_sweep <= 16 and quick.matmul_repeats <= 3
+    assert [n for n, _ in plan()] == list(report.MEASUREMENTS)
+    from rmlib.experiments import VARIANTS
+
+    assert set(report.SWEEP_VARIANTS) <= set(VARIANTS) and len(report.SWEEP_VARIANTS) == 6
+
+
+# -- TRL's dataset format -----------------------------------------------------------------------------
+def test_trl_conversion_on_two_real_hh_pairs(hh_pairs, tokenizer):
+    from trl.data_utils import is_conversational
+
+    from bench.trl_format import to_trl_dataset, trl_kept_mask, trl_token_ids
+    from rmlib.encoding import encode_pairs
+
+    pairs = hh_pairs.select(range(2))
+    ds = to_trl_dataset(pairs)
+    assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 2
+    row = ds[0]
+    assert is_conversational(row)
+    assert row["prompt"] == list(pairs[0]["prompt"])
+    assert row["chosen"] == [{"role": "assistant", "content": pairs[0]["chosen"]}]
+    assert row["rejected"] == [{"role": "assistant", "content": pairs[0]["rejected"]}]
+    # TRL's tokens are rmlib's prompt + reply tokens when nothing needs cutting
+    enc, _ = encode_pairs(pairs, tokenizer, max_length=4096)
+    for i in range(2):
+        for side in ("chosen", "rejected"):
+            trl_ids = trl_token_ids(tokenizer, pairs[i]["prompt"], pairs[i][side])
+            assert trl_ids == list(enc[i]["prompt_ids"]) + list(enc[i][f"{side}_ids"])
+    # the keep rule: both sequences within max_length
+    longest = [max(len(trl_token_ids(tokenizer, p["prompt"], p["chosen"])),
+                   len(trl_token_ids(tokenizer, p["prompt"], p["rejected"]))) for p in pairs]
+    assert trl_kept_mask(pairs, tokenizer, 4096) == [True, True]
+    assert trl_kept_mask(pairs, tokenizer, min(longest)) == [n <= min(longest) for n in longest]
+    assert trl_kept_mask(pairs, tokenizer, min(longest) - 1) == [False, False]
