@@ -566,14 +566,39 @@ def store_for(model: nn.Module, *, bf16_autocast: bool = True) -> BottomStore | 
 
     Used when the model's bottom is frozen (``model.frozen_layers`` > 0: modes ``topk`` and
     ``frozen``, also after ``load_reward_model``), the decoder is supported, and the environment
-    variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32."""
+    variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32.
+
+    The store at ``frozen_layers`` is used if it exists; else an existing store of the same bottom
+    at a LOWER layer (the frozen layers between it and the trainable ones then run forward only,
+    which is far cheaper than recomputing the whole bottom for new data); else a new one at
+    ``frozen_layers``. So a top-2 model reuses what a top-4 model cached."""
     if os.environ.get("RMLIB_FASTPATH", "1") == "0" or not isinstance(model, RewardModel):
         return None
     start = int(getattr(model, "frozen_layers", 0) or 0)
     if start <= 0 or not supported(model):
         return None
     dtype = torch.bfloat16 if bf16_autocast else torch.float32
-    return BottomStore.for_model(model, start, dtype=dtype, bf16_autocast=bf16_autocast)
+    return BottomStore.for_model(model, _best_start(model, start, dtype, bf16_autocast), dtype=dtype,
+                                 bf16_autocast=bf16_autocast)
+
+
+def _best_start(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast: bool) -> int:
+    """``start`` if a store exists there or none of the same bottom exists below it; else the highest
+    start layer below ``start`` whose store belongs to this model's bottom."""
+    root = cache_dir() / "bottom"
+    found: dict[int, str] = {}
+    for meta_file in root.glob("*/meta.json"):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if (meta.get("format") == STORE_FORMAT and meta.get("dtype") == str(dtype).removeprefix("torch.")
+                and meta.get("bf16_autocast") == bf16_autocast and 0 < int(meta.get("start_layer", -1)) <= start):
+            found[int(meta["start_layer"])] = meta.get("store", "")
+    for layer in sorted(found, reverse=True):
+        if store_key(model, layer, dtype=dtype, bf16_autocast=bf16_autocast)["store"] == found[layer]:
+            return layer
+    return start
 
 
 # -- batching and the forward --------------------------------------------------------------------------

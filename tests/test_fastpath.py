@@ -18,7 +18,7 @@ from rmlib.fastpath import (
     BottomStore, CachedPairCollator, bottom_forward, check_frozen_below, forward_cached, frozen_prefix, pair_groups,
     store_for, top_forward,
 )
-from rmlib.scoring import score_replies
+from rmlib.scoring import score_pairs, score_replies
 from rmlib.losses import LossSpec, compute_loss
 from rmlib.models import ModelSpec, build_reward_model
 
@@ -227,6 +227,31 @@ class TestStore:
         assert store_for(topk).start_layer == LAYERS - 2
         monkeypatch.setenv("RMLIB_FASTPATH", "0")
         assert store_for(topk) is None
+
+    def test_a_model_with_fewer_trainable_layers_reuses_a_lower_store(self, tokenizer, encoded, tmp_path, monkeypatch):
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
+        lm = make_tiny_lm(tokenizer, layers=LAYERS)
+        top2 = build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=2), lm=copy.deepcopy(lm))
+        top1 = build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=1), lm=copy.deepcopy(lm))
+        assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # nothing below: its own layer
+        low = store_for(top2, bf16_autocast=False)
+        assert low.start_layer == LAYERS - 2  # its own: nothing between
+        assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # exact store exists: kept
+        top1_b = build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=1), lm=make_tiny_lm(tokenizer, seed=3, layers=LAYERS))
+        assert store_for(top1_b, bf16_autocast=False).start_layer == LAYERS - 1  # another bottom: not shared
+        import shutil
+        shutil.rmtree(store_for(top1, bf16_autocast=False).root)
+        assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 2  # reuses the top-2 store
+        low.ensure(pair_groups(encoded), progress=False)
+        got = score_pairs(top1, encoded, bf16=False, progress=False)
+        ref = score_pairs(top1, encoded, bf16=False, progress=False, use_store=False)
+        np.testing.assert_allclose(got["chosen"], ref["chosen"], rtol=1e-5, atol=1e-5)
+        features = list(encoded)  # training through the lower store: frozen layer 2 runs without gradient
+        batch = CachedPairCollator(low, tokenizer.pad_token_id)(features)
+        out = forward_cached(top1, batch)
+        out.rewards.sum().backward()
+        assert all(p.grad is None for p in top1.decoder.layers[2].parameters())
+        assert all(p.grad is not None for p in top1.decoder.layers[3].parameters())
 
     @pytest.mark.parametrize("mode", ["topk", "frozen"])
     def test_scores_many_replies_per_prompt_like_the_plain_path(self, tokenizer, tmp_path, monkeypatch, mode):
