@@ -116,6 +116,10 @@ def run(name: str, only: list[str] | None = None, prepare_only: bool = False, ou
     verb = "prepared" if prepare_only else "ran"
     print(f"{verb} {len(summary)} notebook(s) on preset {name} in {time.perf_counter() - t_all:.0f} s: "
           + ", ".join(f"{s} {t:.0f}s" for s, t in summary), flush=True)
+    if not prepare_only:  # the results section, from whatever result tables the run has so far
+        from rmlib import report
+
+        report.main(["--preset", name])
     return 0
 
 
