@@ -175,15 +175,21 @@ def section_rloo(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[
     if summary is None:
         return "### 05 · RLOO against the learned reward models\nnot run\n", []
     claims = []
-    s = summary.set_index("rm")
+    s = summary.set_index("run")
     if {"bt", "bsr"} <= set(s.index):
-        for col, text, want_lower in [("gold_gain", "BSR's policy gains more gold reward than BT's (BSR §3.3)", False),
-                                      ("length_final", "BSR's policy answers shorter than BT's (BSR Table 4: -39%)", True)]:
-            if col in s.columns:
-                claims.append({"claim": text, "ours": f"{s.loc['bsr', col]:.3f} vs BT {s.loc['bt', col]:.3f}",
-                               "verdict": _relative(float(s.loc["bsr", col]), float(s.loc["bt", col]), want_lower)})
+        b, r = s.loc["bt"], s.loc["bsr"]
+        d = float(r["gold_delta"] - b["gold_delta"])
+        noise = 1.96 * math.hypot(float(r["gold_delta_sem"]), float(b["gold_delta_sem"]))
+        verdict = NOT_AT_SCALE if not math.isfinite(d) or abs(d) <= noise else REPRODUCED if d > 0 else OPPOSITE
+        claims.append({"claim": "RLOO against BSR gains more gold reward than against BT (BSR §3.3)",
+                       "ours": f"{r['gold_delta']:+.3f} vs BT {b['gold_delta']:+.3f} (noise {noise:.3f})",
+                       "verdict": verdict})
+        claims.append({"claim": "RLOO against BSR gives shorter answers than against BT (BSR Table 4: 1337 vs 2180 chars)",
+                       "ours": f"{r['length_tokens_end']:.1f} vs BT {b['length_tokens_end']:.1f} tokens",
+                       "verdict": _relative(float(r["length_tokens_end"]), float(b["length_tokens_end"]), True)})
     figs = " ".join(_fig(figures, p.name, rel_to) for p in sorted(figures.glob("05_*.png")))
-    return f"### 05 · RLOO against the learned reward models (BSR §3.2-3.3)\n\n{markdown_table(summary.round(4))}\n\n{figs}\n", claims
+    return (f"### 05 · RLOO against the learned reward models (BSR §3.2-3.3)\n\n"
+            f"{markdown_table(summary.round(4))}\n\n{figs}\n"), claims
 
 
 SECTIONS = [section_training, section_norms, section_scenarios, section_bon, section_rloo]
