@@ -586,7 +586,7 @@ def _best_start(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast:
     """``start`` if a store exists there or none of the same bottom exists below it; else the highest
     start layer below ``start`` whose store belongs to this model's bottom."""
     root = cache_dir() / "bottom"
-    found: dict[int, str] = {}
+    found: dict[int, set[str]] = {}  # start layer -> store keys there (other bottoms have stores too)
     for meta_file in root.glob("*/meta.json"):
         try:
             meta = json.loads(meta_file.read_text())
@@ -594,9 +594,9 @@ def _best_start(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast:
             continue
         if (meta.get("format") == STORE_FORMAT and meta.get("dtype") == str(dtype).removeprefix("torch.")
                 and meta.get("bf16_autocast") == bf16_autocast and 0 < int(meta.get("start_layer", -1)) <= start):
-            found[int(meta["start_layer"])] = meta.get("store", "")
+            found.setdefault(int(meta["start_layer"]), set()).add(meta.get("store", ""))
     for layer in sorted(found, reverse=True):
-        if store_key(model, layer, dtype=dtype, bf16_autocast=bf16_autocast)["store"] == found[layer]:
+        if store_key(model, layer, dtype=dtype, bf16_autocast=bf16_autocast)["store"] in found[layer]:
             return layer
     return start
 

@@ -76,7 +76,7 @@ from tqdm import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from rmlib import assets
+from rmlib import assets, bon
 from rmlib.bon import RowSampler, sample_sequences, split_response
 from rmlib.encoding import format_prompt, pad_sequences
 from rmlib.results import read_json, write_json_atomic, write_table_atomic, write_text_atomic
@@ -819,21 +819,12 @@ class RLOOResult:
         return curves_frame(self.records)
 
 
-def reward_model_digest(path) -> str:
-    """Identity of a saved reward model: a hash of its ``rmlib_reward.json`` (training config and
-    metrics: a retrained model differs) and its files' names and sizes (weights are not read)."""
-    path = check_reward_model_dir(path)
-    h = hashlib.sha1((path / "rmlib_reward.json").read_bytes())
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 def _identity(config: RLOORunConfig, prompts: PromptSets) -> dict:
     """What makes two runs the same run: every config field but the folder, the prompt sets, and
     the proxy and gold RMs' digests (an RM retrained in the same folder makes a new run)."""
     summary = {k: v for k, v in config.summary().items() if k != "output_dir"}
-    rms = {"proxy": reward_model_digest(config.proxy_rm), "gold": reward_model_digest(config.gold_rm)}
+    rms = {"proxy": bon.model_digest(check_reward_model_dir(config.proxy_rm)),
+           "gold": bon.model_digest(check_reward_model_dir(config.gold_rm))}
     return json.loads(json.dumps({"config": summary, "prompts": prompts.digest(), "reward_models": rms}))
 
 

@@ -237,8 +237,10 @@ class TestStore:
         low = store_for(top2, bf16_autocast=False)
         assert low.start_layer == LAYERS - 2  # its own: nothing between
         assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # exact store exists: kept
-        top1_b = build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=1), lm=make_tiny_lm(tokenizer, seed=3, layers=LAYERS))
-        assert store_for(top1_b, bf16_autocast=False).start_layer == LAYERS - 1  # another bottom: not shared
+        other = lambda k: build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=k),  # noqa: E731
+                                             lm=make_tiny_lm(tokenizer, seed=3, layers=LAYERS))
+        assert store_for(other(1), bf16_autocast=False).start_layer == LAYERS - 1  # another bottom: not shared
+        assert store_for(other(2), bf16_autocast=False).start_layer == LAYERS - 2  # a second store at that layer
         import shutil
         shutil.rmtree(store_for(top1, bf16_autocast=False).root)
         assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 2  # reuses the top-2 store

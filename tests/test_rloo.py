@@ -21,7 +21,7 @@ import torch
 from conftest import make_tiny_lm
 from safetensors.torch import load_file
 
-from rmlib import rloo
+from rmlib import bon, rloo
 from rmlib.models import ModelSpec, build_reward_model, load_reward_model, save_reward_model
 
 # a chat template unlike SmolLM2's, so a wrapper using the policy's template would score differently
@@ -307,12 +307,12 @@ class TestTraining:
         import shutil
 
         shutil.copytree(assets["proxy"], tmp_path / "proxy")
-        before = rloo.reward_model_digest(tmp_path / "proxy")
+        before = bon.model_digest(tmp_path / "proxy")
         meta = json.loads((tmp_path / "proxy" / "rmlib_reward.json").read_text())
         meta["extra"] = {"metrics": {"train_seconds": 12.3}}  # what a retraining rewrites
         (tmp_path / "proxy" / "rmlib_reward.json").write_text(json.dumps(meta))
-        assert rloo.reward_model_digest(tmp_path / "proxy") != before
-        assert rloo.reward_model_digest(assets["proxy"]) == rloo.reward_model_digest(assets["proxy"])
+        assert bon.model_digest(tmp_path / "proxy") != before
+        assert bon.model_digest(assets["proxy"]) == bon.model_digest(assets["proxy"])
 
     def test_figures_and_tables(self, run_a):
         _, result = run_a
