@@ -561,30 +561,38 @@ def bottom_prompt_replies(decoder: nn.Module, prompts: list[list[int]], replies:
 
 
 # -- choosing the path ---------------------------------------------------------------------------------
-def store_for(model: nn.Module, *, bf16_autocast: bool = True) -> BottomStore | None:
+def store_for(model: nn.Module, *, bf16_autocast: bool = True, groups=None) -> BottomStore | None:
     """The bottom store a reward model scores and trains through, or None for the plain path.
 
     Used when the model's bottom is frozen (``model.frozen_layers`` > 0: modes ``topk`` and
     ``frozen``, also after ``load_reward_model``), the decoder is supported, and the environment
     variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32.
 
-    The store at ``frozen_layers`` is used if it exists; else an existing store of the same bottom
-    at a LOWER layer (the frozen layers between it and the trainable ones then run forward only,
-    which is far cheaper than recomputing the whole bottom for new data); else a new one at
-    ``frozen_layers``. So a top-2 model reuses what a top-4 model cached."""
+    Any store of the same bottom at ``frozen_layers`` or BELOW can serve (the frozen layers between
+    its layer and the trainable ones then run forward only). With ``groups`` (what is about to be
+    scored or trained on) the store that already holds the most of it is taken — recomputing the
+    bottom costs far more than those few extra layers — ties going to the higher layer; without,
+    the highest existing one. None existing: a new one at ``frozen_layers``."""
     if os.environ.get("RMLIB_FASTPATH", "1") == "0" or not isinstance(model, RewardModel):
         return None
     start = int(getattr(model, "frozen_layers", 0) or 0)
     if start <= 0 or not supported(model):
         return None
     dtype = torch.bfloat16 if bf16_autocast else torch.float32
-    return BottomStore.for_model(model, _best_start(model, start, dtype, bf16_autocast), dtype=dtype,
-                                 bf16_autocast=bf16_autocast)
+    layers = _existing_starts(model, start, dtype, bf16_autocast) or [start]
+    stores = [BottomStore.for_model(model, layer, dtype=dtype, bf16_autocast=bf16_autocast) for layer in layers]
+    if groups is None or len(stores) == 1:
+        return stores[0]
+    return min(stores, key=lambda st: (_missing_tokens(st, groups), -st.start_layer))
 
 
-def _best_start(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast: bool) -> int:
-    """``start`` if a store exists there or none of the same bottom exists below it; else the highest
-    start layer below ``start`` whose store belongs to this model's bottom."""
+def _missing_tokens(store: BottomStore, groups) -> int:
+    """Tokens ``store.ensure(groups)`` would have to run through the bottom."""
+    return sum(len(p) * need + sum(len(r) for r in replies) for p, need, replies in store.missing(groups))
+
+
+def _existing_starts(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast: bool) -> list[int]:
+    """Start layers <= ``start``, highest first, at which a store of this model's bottom exists."""
     root = cache_dir() / "bottom"
     found: dict[int, set[str]] = {}  # start layer -> store keys there (other bottoms have stores too)
     for meta_file in root.glob("*/meta.json"):
@@ -595,10 +603,8 @@ def _best_start(model: nn.Module, start: int, dtype: torch.dtype, bf16_autocast:
         if (meta.get("format") == STORE_FORMAT and meta.get("dtype") == str(dtype).removeprefix("torch.")
                 and meta.get("bf16_autocast") == bf16_autocast and 0 < int(meta.get("start_layer", -1)) <= start):
             found.setdefault(int(meta["start_layer"]), set()).add(meta.get("store", ""))
-    for layer in sorted(found, reverse=True):
-        if store_key(model, layer, dtype=dtype, bf16_autocast=bf16_autocast)["store"] in found[layer]:
-            return layer
-    return start
+    return [layer for layer in sorted(found, reverse=True)
+            if store_key(model, layer, dtype=dtype, bf16_autocast=bf16_autocast)["store"] in found[layer]]
 
 
 # -- batching and the forward --------------------------------------------------------------------------

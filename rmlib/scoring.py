@@ -47,7 +47,8 @@ def score_replies(model, prompts: list[list[int]], replies: list[list[int]], bat
 
     if len(prompts) != len(replies):
         raise ValueError(f"prompts and replies differ in length ({len(prompts)} vs {len(replies)})")
-    store = fastpath.store_for(model, bf16_autocast=bf16) if use_store else None
+    groups = [(p, [r]) for p, r in zip(prompts, replies)]
+    store = fastpath.store_for(model, bf16_autocast=bf16, groups=groups) if use_store else None
     if store is not None:
         return fastpath.score_replies_cached(model, store, prompts, replies, batch_size=batch_size, bf16=bf16,
                                              progress=progress, return_hidden=return_hidden, desc=desc)

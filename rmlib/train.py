@@ -314,9 +314,9 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
         model.attach_reference()
     collator = PairCollator(pad_token_id=tokenizer.pad_token_id)
     t_store = time.perf_counter()
-    store = fastpath.store_for(model, bf16_autocast=config.bf16) if config.bottom_cache else None
+    groups = fastpath.pair_groups(train_enc) + (fastpath.pair_groups(eval_enc) if eval_enc is not None else [])
+    store = fastpath.store_for(model, bf16_autocast=config.bf16, groups=groups) if config.bottom_cache else None
     if store is not None:  # frozen bottom: compute its output once for every pair (shared across runs)
-        groups = fastpath.pair_groups(train_enc) + (fastpath.pair_groups(eval_enc) if eval_enc is not None else [])
         with config.main_process_first(desc="bottom store"):  # other processes then find it all stored
             store.ensure(groups, progress=not config.disable_tqdm)
         collator = fastpath.CachedPairCollator(store, pad_token_id=tokenizer.pad_token_id)

@@ -236,7 +236,9 @@ class TestStore:
         assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # nothing below: its own layer
         low = store_for(top2, bf16_autocast=False)
         assert low.start_layer == LAYERS - 2  # its own: nothing between
-        assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # exact store exists: kept
+        assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 1  # the highest existing one
+        low.ensure(pair_groups(encoded), progress=False)  # the lower store holds the data, the exact one not:
+        assert store_for(top1, bf16_autocast=False, groups=pair_groups(encoded)).start_layer == LAYERS - 2
         other = lambda k: build_reward_model(ModelSpec(backbone="t", mode="topk", top_k_layers=k),  # noqa: E731
                                              lm=make_tiny_lm(tokenizer, seed=3, layers=LAYERS))
         assert store_for(other(1), bf16_autocast=False).start_layer == LAYERS - 1  # another bottom: not shared
@@ -244,7 +246,6 @@ class TestStore:
         import shutil
         shutil.rmtree(store_for(top1, bf16_autocast=False).root)
         assert store_for(top1, bf16_autocast=False).start_layer == LAYERS - 2  # reuses the top-2 store
-        low.ensure(pair_groups(encoded), progress=False)
         got = score_pairs(top1, encoded, bf16=False, progress=False)
         ref = score_pairs(top1, encoded, bf16=False, progress=False, use_store=False)
         np.testing.assert_allclose(got["chosen"], ref["chosen"], rtol=1e-5, atol=1e-5)
