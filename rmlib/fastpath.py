@@ -8,7 +8,8 @@ model built from the same backbone with the same ``s`` shares it: each loss of a
 seed, each notebook, training pairs, held-out pairs, benchmark pairs, scenario responses and
 Best-of-N samples. Only the top ``L - s`` layers run per model (``RewardModel.forward`` with
 ``hidden_in``); ``CachedPairCollator`` batches a pair dataset like ``PairCollator`` (chosen rows
-first) with the cached inputs; ``score_replies_cached`` scores any (prompt, reply) list.
+first) with the cached inputs; ``rmlib.scoring.score_replies`` scores any (prompt, reply) list
+through it.
 
 Exactness: a causal decoder's hidden state at a real token depends only on the tokens before it,
 and right-padded rows use position ids 0..T-1 (as ``LlamaModel.forward``), so a sequence cached
@@ -626,10 +627,13 @@ class CachedPairCollator:
                 hiddens.append(self.store.sequence(prompt, reply))
                 seqs.append(prompt + reply)
                 resp.append([0] * len(prompt) + [1] * len(reply))
-        return _with_hidden(pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of), hiddens, self.store)
+        return with_stored_inputs(pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of), hiddens,
+                                  self.store)
 
 
-def _with_hidden(batch: dict, hiddens: list[torch.Tensor], store: BottomStore) -> dict:
+def with_stored_inputs(batch: dict, hiddens: list[torch.Tensor], store: BottomStore) -> dict:
+    """Add ``hidden_in`` (N, T, H) (row i = ``hiddens[i]``, zeros on padding) and ``start_layer`` to a
+    right-padded batch, the extra inputs of ``RewardModel.forward`` on the fast path."""
     n, t = batch["input_ids"].shape
     hidden_in = torch.zeros(n, t, store.hidden_size, dtype=store.dtype)  # (N, T, H)
     for row, h in enumerate(hiddens):
@@ -649,43 +653,8 @@ def forward_cached(model: RewardModel, batch: dict, response_mask: torch.Tensor 
                  hidden_in=batch["hidden_in"], start_layer=int(batch["start_layer"]))
 
 
-@torch.no_grad()
-def score_replies_cached(model: RewardModel, store: BottomStore, prompts: list[list[int]], replies: list[list[int]],
-                         batch_size: int = 16, bf16: bool = True, progress: bool = True, return_hidden: bool = False,
-                         desc: str = "scoring") -> tuple[np.ndarray, np.ndarray | None]:
-    """Rewards (N,) (and last-token hidden states (N, H)) of prompt[i] + reply[i], through ``store``:
-    missing activations are computed first, then only the top layers run, length-grouped."""
-    groups = [(p, [r]) for p, r in zip(prompts, replies)]
-    store.ensure(groups, progress=progress, desc=f"{desc}: caching layer {store.start_layer} input")
-    n = len(prompts)
-    rewards = np.zeros(n, np.float32)
-    hidden = None
-    device = next(model.parameters()).device
-    order = np.argsort(-np.array([len(p) + len(r) for p, r in zip(prompts, replies)]), kind="stable")
-    was_training = model.training
-    model.eval()
-    try:
-        for b0 in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
-            idx = order[b0 : b0 + batch_size].tolist()
-            seqs = [list(prompts[i]) + list(replies[i]) for i in idx]
-            batch = pad_sequences(seqs, [[0] * len(s) for s in seqs], pad_token_id=0)
-            batch = _with_hidden(batch, [store.sequence(list(prompts[i]), list(replies[i])) for i in idx], store)
-            with _autocast(device, bf16):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            hidden_in=batch["hidden_in"].to(device), start_layer=store.start_layer)
-            rewards[idx] = out.rewards.float().cpu().numpy()
-            if return_hidden:
-                h = out.hidden.float().cpu().numpy()
-                if hidden is None:
-                    hidden = np.zeros((n, h.shape[1]), np.float32)
-                hidden[idx] = h
-    finally:
-        model.train(was_training)
-    return rewards, hidden
-
-
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "BottomStore", "CachedPairCollator", "bottom_forward", "bottom_prompt_replies",
     "check_frozen_below", "check_supported", "forward_cached", "frozen_prefix", "pair_groups", "prompt_key",
-    "reply_key", "run_layers", "score_replies_cached", "store_for", "store_key", "supported", "top_forward",
+    "reply_key", "run_layers", "store_for", "store_key", "supported", "top_forward", "with_stored_inputs",
 ]

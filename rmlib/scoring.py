@@ -47,25 +47,30 @@ def score_replies(model, prompts: list[list[int]], replies: list[list[int]], bat
 
     if len(prompts) != len(replies):
         raise ValueError(f"prompts and replies differ in length ({len(prompts)} vs {len(replies)})")
-    groups = [(p, [r]) for p, r in zip(prompts, replies)]
-    store = fastpath.store_for(model, bf16_autocast=bf16, groups=groups) if use_store else None
-    if store is not None:
-        return fastpath.score_replies_cached(model, store, prompts, replies, batch_size=batch_size, bf16=bf16,
-                                             progress=progress, return_hidden=return_hidden, desc=desc)
+    prompts, replies = [list(p) for p in prompts], [list(r) for r in replies]
+    store = None
+    if use_store:
+        groups = [(p, [r]) for p, r in zip(prompts, replies)]
+        store = fastpath.store_for(model, bf16_autocast=bf16, groups=groups)
+        if store is not None:  # what is missing runs through the bottom once; then only the top per model
+            store.ensure(groups, progress=progress, desc=f"{desc}: caching layer {store.start_layer} input")
     was_training = model.training
     model.eval()
     device = _device_of(model)
     n = len(prompts)
     rewards = np.zeros(n, np.float32)
     hidden = None
-    seqs_all = [list(p) + list(r) for p, r in zip(prompts, replies)]
     try:
-        for idx in tqdm(_length_batches([len(s) for s in seqs_all], batch_size), desc=desc, disable=not progress,
-                        unit="batch"):
-            seqs = [seqs_all[i] for i in idx]
+        for idx in tqdm(_length_batches([len(p) + len(r) for p, r in zip(prompts, replies)], batch_size), desc=desc,
+                        disable=not progress, unit="batch"):
+            seqs = [prompts[i] + replies[i] for i in idx]
             batch = pad_sequences(seqs, [[0] * len(s) for s in seqs], pad_token_id=0)
+            extra = {}
+            if store is not None:
+                batch = fastpath.with_stored_inputs(batch, [store.sequence(prompts[i], replies[i]) for i in idx], store)
+                extra = {"hidden_in": batch["hidden_in"].to(device), "start_layer": batch["start_layer"]}
             with autocast(device, bf16):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), **extra)
             rewards[idx] = out.rewards.float().cpu().numpy()
             if return_hidden:
                 h = out.hidden.float().cpu().numpy()
