@@ -216,9 +216,10 @@ def measure_rmlib_train(spec: dict) -> dict:
         store = fastpath.store_for(res.model)
         start = int(res.model.frozen_layers or 0)
         params = param_counts(res.model.decoder, res.model.head, start)
+        trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
     return {"mode": spec["mode"], "subset": spec["subset"], "pairs": m["train_pairs"], "steps": m["steps"],
             "train_seconds": m["train_seconds"], "store_seconds": m["bottom_store_seconds"],
-            "store_root": str(store.root) if store is not None else None, "params": params,
+            "store_root": str(store.root) if store is not None else None, "params": params, "trainable": trainable,
             "tokens": token_counts(enc["prompt_ids"], enc["chosen_ids"], enc["rejected_ids"]),
             "learning_rate": z["learning_rate"], "train_loss": m["train_loss"],
             "eval": accuracy(scores["chosen"], scores["rejected"], kept_mask, eval_s)}
@@ -384,6 +385,8 @@ MEASURE = {
     "rmlib_full_kept": measure_rmlib_train,
     "rmlib_topk_kept": measure_rmlib_train,
     "rmlib_topk_all": measure_rmlib_train,
+    "rmlib_lora_kept": measure_rmlib_train,
+    "rmlib_frozen_kept": measure_rmlib_train,
     "scoring": measure_scoring,
     "generation": measure_generation,
     "sweep_one": measure_sweep,

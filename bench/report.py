@@ -31,6 +31,8 @@ MEASUREMENTS: dict[str, str] = {
     "rmlib_full_kept": "rmlib trainer, mode full (plain path), TRL-kept pairs",
     "rmlib_topk_kept": "rmlib trainer, mode topk (bottom store, fresh), TRL-kept pairs",
     "rmlib_topk_all": "rmlib trainer, mode topk (bottom store, fresh), all pairs",
+    "rmlib_lora_kept": "rmlib trainer, mode lora (issue 3's mode table), TRL-kept pairs",
+    "rmlib_frozen_kept": "rmlib trainer, mode frozen (head only, bottom store, fresh), TRL-kept pairs",
     "scoring": "scoring: batched plain / per-example loop / store path",
     "generation": "generation: sample_responses batch 32 / batch-1 generate",
     "sweep_one": "one BT run, mode topk, fresh store",
@@ -295,6 +297,22 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
     return rows
 
 
+def mode_rows(results: dict) -> list[list[str]]:
+    """One row per fine-tuning mode trained in this run (same pairs, lr, batch, one epoch)."""
+    rows = []
+    for name in ("rmlib_full_kept", "rmlib_lora_kept", "rmlib_topk_kept", "rmlib_frozen_kept"):
+        st = _status(results, name)
+        if st is not None:
+            rows.append([name.removeprefix("rmlib_").removesuffix("_kept"), st, "", "", "", _rss(results, name)])
+            continue
+        r = _result(results, name)
+        store = r.get("store_seconds")
+        rows.append([r["mode"], f"{r['trainable'] / 1e6:.1f}M params" if r.get("trainable") else "?",
+                     _f(_pps(r["pairs"], r["train_seconds"]), ".3f", " pairs/s"),
+                     _f(store, ".0f", " s") if store else "–", _acc(r.get("eval")), _rss(results, name)])
+    return rows
+
+
 def target_rows(results: dict, s: dict) -> list[list[str]]:
     """The issue's targets against this run's numbers."""
     trl, topk = _result(results, "trl"), _result(results, "rmlib_topk_kept")
@@ -357,6 +375,9 @@ def render_markdown(results: dict) -> str:
             f"lr {sizes.get('learning_rate', '?')}, 1 epoch, one process per measurement.", ""]
     out.append(_table(["measurement", "throughput", "vs baseline", "held-out acc: all / TRL-kept", "MFU", "peak RSS"],
                       main_rows(results, s)))
+    out += ["## Fine-tuning modes (issue 3): what each reaches and costs", ""]
+    out.append(_table(["mode", "trainable", "pairs/s (train only)", "store build", "held-out acc: all / TRL-kept",
+                       "peak RSS"], mode_rows(results)))
     out += ["## Targets (issue 9)", ""]
     out.append(_table(["target", "this run", "met"], target_rows(results, s)))
     out += ["## Definitions and notes", ""]

@@ -72,6 +72,8 @@ def plan() -> list[tuple[str, dict]]:
         ("rmlib_full_kept", {"mode": "full", "subset": "kept"}),
         ("rmlib_topk_kept", {"mode": "topk", "subset": "kept"}),
         ("rmlib_topk_all", {"mode": "topk", "subset": "all"}),
+        ("rmlib_lora_kept", {"mode": "lora", "subset": "kept"}),
+        ("rmlib_frozen_kept", {"mode": "frozen", "subset": "kept"}),
         ("scoring", {}),
         ("generation", {}),
         ("sweep_one", {"variants": ["bt"]}),
@@ -85,11 +87,13 @@ def estimate_seconds(z: Sizes) -> float:
     score = 0.2 * 2 * z.n_eval  # plain forward ~0.2 s per sequence, batched
     store_eval = z.n_eval / 3
     gen = z.gen_prompts * z.gen_samples * z.gen_max_new_tokens / 200 + z.gen_prompts * z.gen_max_new_tokens / 15
-    return (9 * 20 + 5
+    return (11 * 20 + 5
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept
             + z.n_train * (1 / 3 + 1 / 5) + store_eval  # top-k, all
+            + kept / 0.9 + score  # lora (backward through every layer, like full)
+            + kept * (1 / 3 + 1 / 50) + store_eval  # frozen (head only on the stored final layer)
             + 2 * z.n_score_pairs * (0.2 + 0.3 + 0.15 + 0.03)  # scoring
             + gen
             + z.n_sweep * (1 / 3 + 1 / 5)  # one BT run
