@@ -237,17 +237,26 @@ def effective_rank(h, center: bool = False) -> float:
 
 
 # -- one row of everything ----------------------------------------------------------------------
-def dispersion_statistics(hidden: HiddenStates, model=None) -> dict:
+def dispersion_statistics(hidden: HiddenStates, model=None, erank_rows: int | None = None) -> dict:
     """All statistics of one hidden-state set, flat (see the module docstring for the names).
 
     ``w_norm`` = ||W_p|| (MLP head: its last layer, via ``head_weight_norm``); nan without a model.
     ``h_norm_*`` and ``erank`` use the 2N x H matrix of chosen and rejected replies together.
+    ``erank_rows``: compute the effective rank on that many rows (a fixed random subset, seed 0),
+    so sets of different sizes compare (the effective rank grows with the number of rows: a
+    128-row and a 400-row sample of the same distribution differ); ValueError if the set is smaller.
     """
     row: dict = {"n_pairs": len(hidden)}
     row["w_norm"] = float(model.head_weight_norm()) if model is not None else math.nan
     row.update({f"h_norm_{k}": v for k, v in norm_stats(hidden.all).items()})
     row.update({f"pair_dist_{k}": v for k, v in pair_distance_stats(hidden.chosen, hidden.rejected).items()})
-    row["erank"] = effective_rank(hidden.all)
+    rows = hidden.all
+    if erank_rows is not None:
+        if erank_rows > len(rows):
+            raise ValueError(f"erank_rows={erank_rows} exceeds the {len(rows)} hidden states of this set")
+        rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), erank_rows, replace=False))]
+    row["erank"] = effective_rank(rows)
+    row["erank_rows"] = len(rows)
     rewards = hidden.rewards.astype(np.float64)
     row["reward_mean"], row["reward_std"] = float(rewards.mean()), float(rewards.std())
     row["accuracy"] = float(np.mean(hidden.reward_chosen > hidden.reward_rejected))
@@ -255,11 +264,12 @@ def dispersion_statistics(hidden: HiddenStates, model=None) -> dict:
 
 
 def dispersion_summary(hidden: HiddenStates, model=None, split: str = "", *, name: str = "",
-                       step: int | None = None, epoch: float | None = None) -> dict:
+                       step: int | None = None, epoch: float | None = None, erank_rows: int | None = None) -> dict:
     """A flat row: model (``name``), split, epoch, step, then every statistic of
     ``dispersion_statistics``. ``pd.DataFrame(rows)`` is the wide table; ``records_frame(rows)``
     the long one (one row per statistic)."""
-    return {"model": name, "split": split, "epoch": epoch, "step": step, **dispersion_statistics(hidden, model)}
+    return {"model": name, "split": split, "epoch": epoch, "step": step,
+            **dispersion_statistics(hidden, model, erank_rows)}
 
 
 # -- records -> frames --------------------------------------------------------------------------
@@ -447,7 +457,11 @@ def hidden_norm_frame(hidden_by_split: dict[str, HiddenStates], model: str) -> p
 def erank_shift_table(summaries: pd.DataFrame, train_split: str = "train") -> pd.DataFrame:
     """Effective rank on the training probe vs every other split, per model (BSR paper Table 1:
     BT 23.34 -> 33.76, BSR 33.45 -> 33.59 at 8B scale). ``summaries``: ``dispersion_summary``
-    rows (model, split, erank, ...). Columns: model, split, erank_train, erank, shift."""
+    rows (model, split, erank, ...), computed on equally many rows (``erank_rows``): the effective
+    rank grows with the number of rows. Columns: model, split, erank_train, erank, shift."""
+    if "erank_rows" in summaries and summaries["erank_rows"].nunique() > 1:
+        raise ValueError(f"effective ranks on different numbers of rows ({sorted(summaries['erank_rows'].unique())})"
+                         " do not compare: pass the same erank_rows to every dispersion_summary")
     if train_split not in set(summaries["split"]):
         raise ValueError(f"no {train_split!r} split in the summaries; have {sorted(set(summaries['split']))}")
     train = summaries[summaries["split"] == train_split].set_index("model")["erank"]

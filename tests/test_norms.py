@@ -342,3 +342,20 @@ class TestComparingModels:
                          reward_chosen=np.zeros(1), reward_rejected=np.zeros(1))
         f = hidden_norm_frame({"a": h}, "bt")
         assert f["h_norm"].tolist() == [5.0, 2.0] and set(f["split"]) == {"a"} and set(f["model"]) == {"bt"}
+
+
+def test_effective_rank_on_equal_rows_only():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 32))
+    h = HiddenStates(chosen=x[:200], rejected=x[200:], reward_chosen=np.zeros(200), reward_rejected=np.zeros(200))
+    small = HiddenStates(chosen=x[:20], rejected=x[20:40], reward_chosen=np.zeros(20), reward_rejected=np.zeros(20))
+    full, sub = dispersion_statistics(h), dispersion_statistics(h, erank_rows=40)
+    assert sub["erank_rows"] == 40 and full["erank_rows"] == 400
+    assert sub["erank"] < full["erank"]  # the same distribution, fewer rows: a lower effective rank
+    assert abs(dispersion_statistics(small)["erank"] - sub["erank"]) < 0.1 * sub["erank"]
+    with pytest.raises(ValueError, match="erank_rows=41 exceeds the 40"):
+        dispersion_statistics(small, erank_rows=41)
+    rows = pd.DataFrame([{"model": "bt", "split": "train", "erank": 1.0, "erank_rows": 40},
+                         {"model": "bt", "split": "ood", "erank": 2.0, "erank_rows": 400}])
+    with pytest.raises(ValueError, match="do not compare"):
+        erank_shift_table(rows)
