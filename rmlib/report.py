@@ -60,8 +60,9 @@ def _relative(value: float, baseline: float, want_lower: bool = True) -> str:
 
 
 def _fig(figures: Path, name: str, rel_to: Path) -> str:
+    """A Markdown image link to ``figures/name``, or "" when the run did not render it there."""
     path = figures / name
-    return f"![{name}]({path.relative_to(rel_to).as_posix()})" if path.exists() else f"(figure {name} not rendered)"
+    return f"![{name}]({path.relative_to(rel_to).as_posix()})" if path.exists() else ""
 
 
 # -- sections --------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def section_scenarios(results: Path, figures: Path, rel_to: Path) -> tuple[str, 
     claims = []
     if verdicts is not None:
         for _, v in verdicts.iterrows():
-            if v["variant"] not in ("bsr", "grm", "bsr_grm"):
+            if v["variant"] not in ("bsr", "grm", "bsr_grm") or v["measure"] == "ID (Val1)":  # Val1 is in Table 5 too
                 continue
             claims.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
                            "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
