@@ -32,3 +32,10 @@ def test_prepare_only_injects_the_preset(tmp_path):
     nb = json.loads((tmp_path / "02_train_rm.ipynb").read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and "n_train = 16" in "".join(injected[0]["source"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the refusal on a machine without several GPUs")
+@pytest.mark.parametrize("preset", ["paper_bsr", "paper_grm"])
+def test_paper_presets_fail_at_once_without_several_gpus(capsys, preset):
+    assert reproduce.main(["--preset", preset]) == 2
+    assert "needs several GPUs" in capsys.readouterr().err
