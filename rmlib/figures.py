@@ -113,3 +113,16 @@ def metric_by_variant(table: pd.DataFrame, x: str = "label", col: str = "scenari
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def effective_rank_by_split(summaries: pd.DataFrame, paper: str = ""):
+    """Effective rank of the hidden-state matrix on the training probe and each evaluation set,
+    one bar per model (BSR paper Table 1 analogue: a small train -> eval shift is the healthy case).
+    ``summaries``: ``rmlib.norms.dispersion_summary`` rows (model, split, erank), equal row counts."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * summaries["split"].nunique(), 3.6))
+    sns.barplot(data=summaries, x="split", y="erank", hue="model", ax=ax)
+    rows = summaries["erank_rows"].iloc[0] if "erank_rows" in summaries else "?"
+    ax.set_ylabel(f"effective rank ({rows} hidden states)")
+    ax.set_title("Effective rank, training probe vs evaluation sets" + (f"\n{paper}" if paper else ""), fontsize=10)
+    fig.tight_layout()
+    return fig

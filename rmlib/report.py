@@ -109,7 +109,7 @@ def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list
     if erank is not None:
         shifts = markdown_table(erank.pivot(index="model", columns="split", values="shift").round(2).reset_index())
     figs = " ".join(_fig(figures, n, rel_to) for n in ["01_head_norm.png", "01_pair_distance_by_epoch.png",
-                                                       "01_hidden_norms_by_split.png"])
+                                                       "01_hidden_norms_by_split.png", "01_effective_rank.png"])
     text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{markdown_table(findings.round(4))}\n\n"
             f"Effective-rank shift, eval set minus training probe:\n\n{shifts}\n\nPaper: {PAPER['erank']}.\n\n{figs}\n")
     return text, claims
