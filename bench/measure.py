@@ -61,7 +61,10 @@ def accuracy(chosen: np.ndarray, rejected: np.ndarray, kept: np.ndarray, seconds
 
 
 def autocast():
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    """bf16 autocast if the run computes in bf16 (the parent sets RMLIB_BF16 from --precision), else fp32."""
+    from rmlib.scoring import autocast as rm_autocast
+
+    return rm_autocast("cpu", "auto")
 
 
 def rmlib_train_config(spec: dict, output_dir: str, mode: str):
@@ -70,17 +73,22 @@ def rmlib_train_config(spec: dict, output_dir: str, mode: str):
     z = spec["sizes"]
     return RMConfig(output_dir=output_dir, backbone=spec["backbone"], mode=mode, top_k_layers=z["top_k_layers"],
                     learning_rate=z["learning_rate"], per_device_train_batch_size=z["batch_pairs"],
-                    max_length=z["max_length"], bf16=True, use_cpu=True, seed=z["seed"], save_strategy="no",
+                    max_length=z["max_length"], bf16=spec["bf16"], use_cpu=True, seed=z["seed"], save_strategy="no",
                     disable_tqdm=True)
 
 
 # -- measurements ------------------------------------------------------------------------------------
 def measure_peak(spec: dict) -> dict:
     """Median seconds of an (n x n) @ (n x n) matmul in bf16 and fp32; the peak is the best size."""
+    from rmlib.precision import bf16_is_fast
+
     z = spec["sizes"]
-    out: dict = {"sizes": z["matmul_sizes"], "repeats": z["matmul_repeats"], "bf16_gflops": {}, "fp32_gflops": {}}
+    out: dict = {"sizes": z["matmul_sizes"], "repeats": z["matmul_repeats"], "bf16_gflops": {}, "fp32_gflops": {},
+                 "bf16_native": bf16_is_fast("cpu")}
     for dtype, key in ((torch.bfloat16, "bf16_gflops"), (torch.float32, "fp32_gflops")):
-        for n in z["matmul_sizes"]:
+        # emulated bf16 (no AVX-512) runs ~1 GFLOP/s: one small matmul shows it without taking minutes
+        sizes = z["matmul_sizes"] if dtype == torch.float32 or out["bf16_native"] else [512]
+        for n in sizes:
             g = torch.Generator().manual_seed(0)
             a = torch.randn(n, n, generator=g).to(dtype)
             b = torch.randn(n, n, generator=g).to(dtype)
@@ -151,7 +159,7 @@ def measure_trl(spec: dict) -> dict:
         ckpt_off = ({"activation_checkpointing": False} if "activation_checkpointing" in RewardConfig.__dataclass_fields__
                     else {"gradient_checkpointing": False})
         args = RewardConfig(output_dir=tmp, learning_rate=z["learning_rate"], num_train_epochs=1,
-                            per_device_train_batch_size=z["batch_pairs"], max_length=z["max_length"], bf16=True,
+                            per_device_train_batch_size=z["batch_pairs"], max_length=z["max_length"], bf16=spec["bf16"],
                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=z["seed"],
                             **ckpt_off)
         trainer = CountingRewardTrainer(model=spec["backbone"], args=args, train_dataset=to_trl_dataset(train))
@@ -367,7 +375,7 @@ def measure_sweep(spec: dict) -> dict:
             cfg = variant_config(name, z["seed"], tmp, backbone=spec["backbone"], mode="topk",
                                  top_k_layers=z["top_k_layers"], learning_rate=z["learning_rate"],
                                  per_device_train_batch_size=z["batch_pairs"], max_length=z["max_length"],
-                                 bf16=True, use_cpu=True, save_strategy="no", disable_tqdm=True)
+                                 bf16=spec["bf16"], use_cpu=True, save_strategy="no", disable_tqdm=True)
             res = train_reward_model(cfg, train, None, tokenizer=tok, resume=False)
             dt = time.perf_counter() - t0
             runs.append({"variant": name, "seconds": dt, "store_seconds": res.metrics["bottom_store_seconds"],

@@ -11,7 +11,7 @@ tokens they are < 5% of SmolLM2-135M's matmul work):
 ``N_nonemb``: every decoder layer + final norm + reward head (token embeddings and a tied LM
 head are lookups/unused, not matmuls). ``T_real``: non-pad tokens; a plain trainer runs the
 prompt once per side (``2P + C + R`` per pair), the store runs it once (``P + C + R``).
-MFU = FLOPs / seconds / (bf16 matmul peak measured in the same run).
+MFU = FLOPs / seconds / (matmul peak of the run's precision, bf16 or fp32, measured in the same run).
 """
 
 from __future__ import annotations
@@ -126,13 +126,19 @@ def _pps(pairs, seconds):
     return pairs / seconds if pairs is not None and seconds else None
 
 
+def precision_of(results: dict) -> str:
+    """'bf16' (bf16 autocast) or 'fp32': what every measurement of the run computed in."""
+    return results.get("meta", {}).get("precision", "bf16")
+
+
 def summarize(results: dict) -> dict[str, Any]:
     """Every derived number of the report (ratios, MFUs), None where its inputs are missing."""
     s: dict[str, Any] = {}
     peak = _result(results, "peak")
     s["peak_bf16"] = peak.get("peak_bf16_flops") if peak else None
     s["peak_fp32"] = peak.get("peak_fp32_flops") if peak else None
-    pk = s["peak_bf16"]
+    s["precision"] = precision_of(results)
+    s["peak"] = pk = s["peak_bf16"] if s["precision"] == "bf16" else s["peak_fp32"]  # MFU against the precision used
 
     trl = _result(results, "trl")
     if trl:
@@ -238,9 +244,13 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
 
     if not missing("peak", "bf16 matmul peak (same run)"):
         p = _result(results, "peak")
-        rows.append([f"bf16 matmul peak, {p['best_size']}³ (same run)", _f(s["peak_bf16"] / 1e9, ".0f", " GFLOP/s"),
+        used = " (same run; the MFU peak)"
+        native = "" if p.get("bf16_native", True) else " (emulated: no native bf16 on this CPU)"
+        rows.append([f"bf16 matmul peak, {p['best_size']}³{used if s['precision'] == 'bf16' else native}",
+                     _f(s["peak_bf16"] / 1e9, ".1f" if s["peak_bf16"] < 10e9 else ".0f", " GFLOP/s"),
                      "–", "–", "–", _rss(results, "peak")])
-        rows.append([f"fp32 matmul peak, {p['best_size_fp32']}³", _f(s["peak_fp32"] / 1e9, ".0f", " GFLOP/s"),
+        rows.append([f"fp32 matmul peak, {p['best_size_fp32']}³{used if s['precision'] == 'fp32' else ''}",
+                     _f(s["peak_fp32"] / 1e9, ".0f", " GFLOP/s"),
                      _x(ratio(s["peak_bf16"], s["peak_fp32"])) + " (bf16 vs fp32)", "–", "–", ""])
     if not missing("trl", "TRL RewardTrainer"):
         t = _result(results, "trl")
@@ -371,7 +381,8 @@ def render_markdown(results: dict) -> str:
             f"Run {meta.get('started', '?')} – {meta.get('finished', '?')} ({_f(meta.get('wall_seconds'), '.0f', ' s')}).", ""]
     out += [f"Setup: {meta.get('model', '?')}, HH-RLHF harmless-base, {sizes.get('n_train', '?')} training / "
             f"{sizes.get('n_eval', '?')} held-out pairs (seed {sizes.get('seed', '?')}), max length "
-            f"{sizes.get('max_length', '?')}, {sizes.get('batch_pairs', '?')} pairs per batch, bf16 autocast, AdamW, "
+            f"{sizes.get('max_length', '?')}, {sizes.get('batch_pairs', '?')} pairs per batch, "
+            f"{'bf16 autocast' if s['precision'] == 'bf16' else 'float32'}, AdamW, "
             f"lr {sizes.get('learning_rate', '?')}, 1 epoch, one process per measurement.", ""]
     out.append(_table(["measurement", "throughput", "vs baseline", "held-out acc: all / TRL-kept", "MFU", "peak RSS"],
                       main_rows(results, s)))
@@ -396,7 +407,7 @@ def notes(results: dict, s: dict) -> list[str]:
         "= pairs trained / seconds of `train()` (model loading and tokenization excluded for both).",
         "- **TRL settings**: `RewardConfig` defaults except learning_rate (= rmlib's), num_train_epochs=1 "
         "(its default is 3; rmlib trains 1, and both must see the data equally often for the accuracy "
-        "comparison), per_device_train_batch_size=4, max_length=256, bf16=True, use_cpu=True, report_to=none, "
+        "comparison), per_device_train_batch_size=4, max_length=256, bf16 = the run's precision, use_cpu=True, report_to=none, "
         "save_strategy=no, disable_tqdm=True, and **gradient checkpointing off** (`activation_checkpointing=False`, "
         "the new name of `gradient_checkpointing`; its default is on, which recomputes every forward: we "
         "measure it without, the faster and fairer figure). TRL drops "
@@ -406,11 +417,11 @@ def notes(results: dict, s: dict) -> list[str]:
         "would keep. TRL's model scores with its own forward (`AutoModelForSequenceClassification`: it pools "
         "the rightmost token that is not the pad id; pad = `<|im_end|>` here, and every sequence ends in "
         "`<|im_end|>\\n`, so it pools the final newline, the same token rmlib pools by attention mask).",
-        "- **MFU (model FLOPs)**, full fine-tuning and TRL: 6 · N_nonemb · T_real / seconds / bf16 peak. "
+        "- **MFU (model FLOPs)**, full fine-tuning and TRL: 6 · N_nonemb · T_real / seconds / matmul peak of the run's precision. "
         "N_nonemb = decoder layers + final norm + reward head (embeddings and the tied LM head excluded); "
         "T_real = non-pad tokens processed (prompt counted once per side). Attention score FLOPs excluded.",
         "- **MFU (work done)**, top-k with the store: (2 · N_bottom · T_store + 6 · N_top · T_top) / (store build "
-        "+ training seconds) / bf16 peak: the FLOPs this path really executes (bottom layers forward once "
+        "+ training seconds) / the same peak: the FLOPs this path really executes (bottom layers forward once "
         "per distinct prompt and reply token; top layers trained on whole sequences). It is NOT comparable to "
         "the model-FLOPs MFU of full fine-tuning, which counts 6 · N for every layer. '(top layers)': "
         "6 · N_top · T_top / training seconds.",
@@ -441,7 +452,7 @@ def notes(results: dict, s: dict) -> list[str]:
     sc = _result(results, "scoring")
     if sc:
         lines.append(f"- Scoring agreement: max |batched − per-example| = {_f(sc.get('max_abs_diff_plain_vs_loop'), '.3g')}, "
-                     f"max |store − plain| = {_f(sc.get('max_abs_diff_store_vs_plain'), '.3g')} (bf16 rounding); "
+                     f"max |store − plain| = {_f(sc.get('max_abs_diff_store_vs_plain'), '.3g')} (bf16 storage rounding); "
                      f"store build for these responses {_f(sc['store_topk'].get('build_seconds'), '.1f', ' s')} (not in the row).")
     w = _result(results, "sweep")
     if w:

@@ -140,6 +140,7 @@ def run_child(name: str, spec: dict, run_id: str, keep_temp: bool = False) -> di
     spec_file.write_text(json.dumps({**spec, "name": name}))
     env = dict(os.environ)
     env.pop("RMLIB_FASTPATH", None)  # measure the default path
+    env["RMLIB_BF16"] = "1" if spec["bf16"] else "0"  # every "auto" in rmlib follows the run's precision
     env.update(RMLIB_CACHE_DIR=str(tmp / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(spec["threads"]),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
@@ -189,6 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="Markdown output (default bench/results.md; results.json beside it)")
     ap.add_argument("--only", default="", help="comma-separated measurement names to (re)run; the others are "
                                                "kept from the existing results.json")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="compute precision of every measurement: bf16 autocast or float32; auto = bf16 where bf16 "
+                         "matmuls are native (rmlib.precision), float32 elsewhere")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: usable CPUs)")
     ap.add_argument("--keep-temp", action="store_true", help="keep each measurement's temp folder (debugging)")
     for f in fields(Sizes):
@@ -225,28 +229,34 @@ def main(argv=None) -> int:
     from rmlib.assets import resolve_model
 
     backbone = resolve_model("smollm2-135m-instruct")  # the dequantized copy in the normal cache (children: fresh caches)
+    from rmlib.precision import resolve_bf16
+
+    bf16 = {"bf16": True, "fp32": False}.get(args.precision, None)
+    bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", "cpu")
     run_id = uuid.uuid4().hex[:12]
     results = {"meta": {}, "measurements": {}}
     if only and json_path.exists():
         old = json.loads(json_path.read_text())
-        if old.get("meta", {}).get("sizes") != asdict(sizes):
-            print(f"{json_path} was measured with other sizes; rerun everything (no --only) or pass the same sizes",
+        if old.get("meta", {}).get("sizes") != asdict(sizes) or \
+                old.get("meta", {}).get("precision", "bf16") != ("bf16" if bf16 else "fp32"):
+            print(f"{json_path} was measured with other sizes or precision; rerun everything (no --only) or pass the "
+                  "same ones",
                   file=sys.stderr)
             return 2
         results["measurements"] = {k: v for k, v in old.get("measurements", {}).items() if k not in only}
     results["meta"] = {"quick": args.quick, "sizes": asdict(sizes), "threads": threads, "model": "SmolLM2-135M-Instruct",
-                       "backbone_path": backbone, "machine": machine_info(), "run_id": run_id,
+                       "backbone_path": backbone, "machine": machine_info(), "precision": "bf16" if bf16 else "fp32", "run_id": run_id,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": _loadavg()}
     todo = [(n, extra) for n, extra in steps if not only or n in only]
-    est = estimate_seconds(sizes) / 60
+    est = estimate_seconds(sizes) * (1.0 if bf16 else 2.5) / 60  # the rates are bf16 ones; fp32 is ~2-3x slower
     print(f"rmlib benchmark{' (QUICK)' if args.quick else ''}: {len(todo)} measurements, one process each, "
-          f"{threads} threads; estimated ~{est:.0f} min on a quiet 2-core machine; load average now {_loadavg()}",
+          f"{threads} threads, {'bf16 autocast' if bf16 else 'float32'}; estimated ~{est:.0f} min on a quiet 2-core machine; load average now {_loadavg()}",
           flush=True)
     t_all = time.perf_counter()
     failed = []
     for i, (name, extra) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name}: {MEASUREMENTS[name]} ...", flush=True)
-        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, **extra}
+        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, "bf16": bf16, **extra}
         rec = run_child(name, spec, run_id, keep_temp=args.keep_temp)
         results["measurements"][name] = rec
         state = "done" if rec["ok"] else "FAILED"

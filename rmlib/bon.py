@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from rmlib.encoding import format_prompt, format_reply, truncate_pair
 from rmlib.results import read_json, write_json_atomic
+from rmlib.precision import resolve_bf16
 from rmlib.scoring import autocast, score_replies
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def sample_responses(
     temperature: float = 0.7,
     top_p: float = 0.95,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: bool | str = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
     """N sampled replies per prompt, stored in ``out_path`` as they are made; see the module docstring.
@@ -287,6 +288,7 @@ def sample_responses(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stop_ids = _stop_token_ids(policy, tokenizer)
+    bf16 = resolve_bf16(bf16, next(policy.parameters()).device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     meta = {"format": "rmlib-bon-samples-v1", "seed": int(seed), "temperature": float(temperature),
             "top_p": float(top_p), "max_new_tokens": int(max_new_tokens), "stop_token_ids": stop_ids,
@@ -402,7 +404,7 @@ def sample_sequences(tokenizer, samples_df: pd.DataFrame, max_length: int | None
     return [p + r for p, r in zip(*sample_prompt_replies(tokenizer, samples_df, max_length))]
 
 
-def score_samples(reward_model, tokenizer, samples_df: pd.DataFrame, batch_size: int = 16, bf16: bool = True,
+def score_samples(reward_model, tokenizer, samples_df: pd.DataFrame, batch_size: int = 16, bf16: bool | str = "auto",
                   max_length: int | None = None, progress: bool = True) -> np.ndarray:
     """Reward of every sample row, in row order: (len(samples_df),) float32. A frozen-bottom (top-k)
     reward model scores through the shared bottom store (``rmlib.fastpath``): the samples' bottom
@@ -419,7 +421,7 @@ def _sample_key(messages, response: str) -> str:
 
 
 def score_samples_cached(reward_model, tokenizer, samples_df: pd.DataFrame, cache_path, rm_name: str,
-                         batch_size: int = 16, bf16: bool = True, max_length: int | None = None,
+                         batch_size: int = 16, bf16: bool | str = "auto", max_length: int | None = None,
                          chunk_size: int = 512, progress: bool = True, only_cached: bool = False) -> np.ndarray | None:
     """``score_samples`` with a resumable JSONL cache shared by several reward models.
 
@@ -482,7 +484,7 @@ def model_digest(path) -> str:
 
 
 def score_samples_multi(models: dict, tokenizer, samples_df: pd.DataFrame, cache_path=None, batch_size: int = 16,
-                        bf16: bool = True, max_length: int | None = None, chunk_size: int = 512,
+                        bf16: bool | str = "auto", max_length: int | None = None, chunk_size: int = 512,
                         cache_keys: dict | None = None, progress: bool = True) -> pd.DataFrame:
     """Scores of every sample by every reward model: ``prompt_id``, ``sample_index`` and one float32
     column per model name, in row order.

@@ -17,6 +17,7 @@ one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -55,7 +56,7 @@ _json_object.__name__ = "JSON object"  # argparse: "invalid JSON object value: .
 
 def parser() -> HfArgumentParser:
     p = HfArgumentParser((RMConfig, DataArgs))
-    # Three gaps of HfArgumentParser: it would call dict("{...}") on a plain `dict` field; it drops
+    # Gaps of HfArgumentParser (and bf16's "auto", below): it would call dict("{...}") on a plain `dict` field; it drops
     # the default of a `str | list[str]` field (report_to="none" would become None, refused) and
     # the default_factory of a bool field (use_cpu, True without CUDA, would become False).
     factories = {f.name: f.default_factory for f in dataclasses.fields(RMConfig)
@@ -68,7 +69,24 @@ def parser() -> HfArgumentParser:
             action.default = [RMConfig.report_to]
         elif action.dest in factories and action.nargs == "?":  # bool fields
             action.default = factories[action.dest]()
+        elif action.dest == "bf16":  # bool | "auto" (rmlib.precision)
+            action.type = _bool_or_auto
+            action.help = "true | false | auto (default: bf16 where bf16 matmuls are native)"
     return p
+
+
+def _bool_or_auto(value: str) -> bool | str:
+    v = str(value).strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("true", "yes", "t", "y", "1"):
+        return True
+    if v in ("false", "no", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}")
+
+
+_bool_or_auto.__name__ = "bf16 value"
 
 
 def main(argv: list[str] | None = None) -> dict:

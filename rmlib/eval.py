@@ -177,7 +177,7 @@ def per_prompt_kendall(df: pd.DataFrame, prompt_col: str, score_col: str, gold_c
 
 # ---- scoring pairs with a model ------------------------------------------------------------
 
-def model_pair_scorer(model, tokenizer, max_length: int = 256, batch_size: int = 8, bf16: bool = True,
+def model_pair_scorer(model, tokenizer, max_length: int = 256, batch_size: int = 8, bf16: bool | str = "auto",
                       progress: bool = True) -> PairScorer:
     """A pair scorer backed by ``encode_pairs`` + ``score_pairs`` (prompt cut from the left).
 
@@ -220,7 +220,7 @@ def pair_scores_frame(pairs, chosen_rewards, rejected_rewards, benchmark: str) -
 
 
 def evaluate_pairs(model, tokenizer, pairs_dataset, name: str, max_length: int = 256, batch_size: int = 8,
-                   bf16: bool = True, n_boot: int = 1000, seed: int = 0, scorer: PairScorer | None = None,
+                   bf16: bool | str = "auto", n_boot: int = 1000, seed: int = 0, scorer: PairScorer | None = None,
                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Encode, score and tabulate a pair dataset (normalized schema).
 
@@ -350,7 +350,7 @@ def _skipped_row(name: str, reason: str) -> pd.DataFrame:
 
 
 def evaluate_benchmarks(model, tokenizer, names: Sequence[str] | None = None, max_pairs: int | None = None,
-                        seed: int = 0, max_length: int = 256, batch_size: int = 8, bf16: bool = True,
+                        seed: int = 0, max_length: int = 256, batch_size: int = 8, bf16: bool | str = "auto",
                         n_boot: int = 1000, sources: Mapping[str, object] | None = None,
                         scorer: PairScorer | None = None, progress: bool = True, return_scores: bool = False):
     """Score ``names`` (default: all of ``BENCHMARKS``) and return one tidy DataFrame.

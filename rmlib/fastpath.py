@@ -562,12 +562,13 @@ def bottom_prompt_replies(decoder: nn.Module, prompts: list[list[int]], replies:
 
 
 # -- choosing the path ---------------------------------------------------------------------------------
-def store_for(model: nn.Module, *, bf16_autocast: bool = True, groups=None) -> BottomStore | None:
+def store_for(model: nn.Module, *, bf16_autocast: bool | str = "auto", groups=None) -> BottomStore | None:
     """The bottom store a reward model scores and trains through, or None for the plain path.
 
     Used when the model's bottom is frozen (``model.frozen_layers`` > 0: modes ``topk`` and
     ``frozen``, also after ``load_reward_model``), the decoder is supported, and the environment
-    variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32.
+    variable ``RMLIB_FASTPATH`` is not ``0``. The storage dtype is bf16 with bf16 autocast, else fp32
+    (``bf16_autocast="auto"``: ``rmlib.precision.resolve_bf16``).
 
     Any store of the same bottom at ``frozen_layers`` or BELOW can serve (the frozen layers between
     its layer and the trainable ones then run forward only). With ``groups`` (what is about to be
@@ -579,6 +580,9 @@ def store_for(model: nn.Module, *, bf16_autocast: bool = True, groups=None) -> B
     start = int(getattr(model, "frozen_layers", 0) or 0)
     if start <= 0 or not supported(model):
         return None
+    from rmlib.precision import resolve_bf16
+
+    bf16_autocast = resolve_bf16(bf16_autocast, next(model.parameters()).device)
     dtype = torch.bfloat16 if bf16_autocast else torch.float32
     layers = _existing_starts(model, start, dtype, bf16_autocast) or [start]
     stores = [BottomStore.for_model(model, layer, dtype=dtype, bf16_autocast=bf16_autocast) for layer in layers]

@@ -359,7 +359,7 @@ def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float
 
 
 def score_pairs_cached(final_dir, pairs: Dataset, path, max_length: int = 256, batch_size: int = 8,
-                       bf16: bool = True, progress: bool = True) -> pd.DataFrame:
+                       bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
     """Rewards of every pair's chosen and rejected reply by the reward model in ``final_dir``
     (``rmlib.eval.model_pair_scorer``: prompt cut from the left; replies identical after truncation
     get NaN). Cached in ``path`` (CSV: id, chosen, rejected, model, max_length); the cache is used
@@ -466,15 +466,19 @@ def policy_slug(policy: str) -> str:
 
 def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_size: int = 32,
                   max_new_tokens: int = 96, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
-                  bf16: bool = True, progress: bool = True) -> pd.DataFrame:
+                  bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
     """N samples per BoN prompt from ``policy`` with its chat template (``bon.sample_responses``:
-    resumable, per-sample seeds). The policy loads in bf16 when ``bf16`` (no per-step weight casts)."""
+    resumable, per-sample seeds). The policy loads in bf16 when ``bf16`` resolves true (``rmlib.precision``; no per-step
+    weight casts)."""
     import torch
 
     from rmlib import assets
 
     if not {"prompt_id", "messages"} <= set(prompts.columns):
         raise ValueError("prompts needs prompt_id and messages columns (GoldSplit.bon_prompts)")
+    from rmlib.precision import resolve_bf16
+
+    bf16 = resolve_bf16(bf16)
     tok = assets.load_tokenizer(policy)
     model = assets.load_causal_lm(policy, dtype=torch.bfloat16 if bf16 else torch.float32)
     if torch.cuda.is_available():
@@ -489,7 +493,7 @@ def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_si
 
 
 def score_with_all(model_dirs: Mapping[str, Path], samples: pd.DataFrame, cache_path, max_length: int | None = None,
-                   batch_size: int = 16, bf16: bool = True, progress: bool = True) -> pd.DataFrame:
+                   batch_size: int = 16, bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
     """Score every sample with every saved reward model (gold and proxies), one model at a time
     (``bon.score_samples_multi``): the top-k models share the bottom store, so the samples' frozen
     bottom runs once in all. Cached per model version in ``cache_path``. Returns prompt_id,

@@ -75,7 +75,7 @@ class HiddenStates:
         return np.concatenate([self.reward_chosen, self.reward_rejected])
 
 
-def extract_hidden(model, encoded_pairs, batch_size: int = 8, bf16: bool = True, progress: bool = True) -> HiddenStates:
+def extract_hidden(model, encoded_pairs, batch_size: int = 8, bf16: bool | str = "auto", progress: bool = True) -> HiddenStates:
     """Rewards and last-token hidden states of an encoded pair set (see ``rmlib.encoding.encode_pairs``).
 
     A thin wrapper over ``rmlib.scoring.score_pairs(..., return_hidden=True)``. With ``bf16`` the

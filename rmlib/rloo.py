@@ -79,13 +79,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from rmlib import assets, bon
 from rmlib.bon import RowSampler, sample_sequences, split_response
 from rmlib.encoding import format_prompt, pad_sequences
+from rmlib.precision import resolve_bf16
 from rmlib.results import read_json, write_json_atomic, write_table_atomic, write_text_atomic
 from rmlib.scoring import autocast, score_token_sequences
 
 logger = logging.getLogger(__name__)
 
 MODES = ("lora", "full")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")
 PROMPT_SOURCES = ("alpaca_eval", "hh-rlhf")
 RECORDS_FILE = "rloo_records.jsonl"
 CONFIG_FILE = "rmlib_rloo_config.json"
@@ -283,7 +284,7 @@ class RewardModelFunction:
     """
 
     def __init__(self, model, tokenizer, name: str = "reward", max_length: int | None = 512, batch_size: int = 16,
-                 bf16: bool = True):
+                 bf16: bool | str = "auto"):
         if max_length is not None and max_length < 16:
             raise ValueError(f"max_length={max_length} must be >= 16 (or None: no truncation)")
         if batch_size < 1:
@@ -293,18 +294,18 @@ class RewardModelFunction:
         self.__name__ = name  # TRL logs rewards/<name>/mean
         self.max_length = max_length
         self.batch_size = batch_size
-        self.bf16 = bf16
+        self.bf16 = resolve_bf16(bf16, next(model.parameters()).device)
 
     @classmethod
     def from_dir(cls, path, name: str = "reward", device=None, hint: str = "", dtype: torch.dtype | None = None,
                  **kwargs) -> "RewardModelFunction":
         """Load a folder written by ``rmlib.models.save_reward_model`` (any head, GRM included).
-        ``dtype``: default bfloat16 with ``bf16=True`` (the saved precision; no casts per call), else float32."""
+        ``dtype``: default bfloat16 when ``bf16`` resolves true (the saved precision; no casts per call), else float32."""
         from rmlib.models import load_reward_model
 
         path = check_reward_model_dir(path, name, hint)
         if dtype is None:
-            dtype = torch.bfloat16 if kwargs.get("bf16", True) else torch.float32
+            dtype = torch.bfloat16 if resolve_bf16(kwargs.get("bf16", "auto"), device) else torch.float32
         model = load_reward_model(path, dtype=dtype)
         if device is not None:
             model.to(device)
@@ -358,7 +359,8 @@ class RLOORunConfig:
     proxy_rm: str = field(default="", metadata={"help": "folder of the proxy RM that is optimized"})
     gold_rm: str = field(default="", metadata={"help": "folder of the gold RM (tracked, never optimized)"})
     mode: str = field(default="lora", metadata={"help": "lora | full fine-tuning of the policy"})
-    policy_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (frozen base, lora only)"})
+    policy_dtype: str = field(default="float32", metadata={
+        "help": "float32 | bfloat16 (frozen base, lora only) | auto (bfloat16 where bf16 is fast and mode is lora)"})
     lora_r: int = 16
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -386,7 +388,7 @@ class RLOORunConfig:
     save_steps: int = 10
     save_total_limit: int = 2
     logging_steps: int = 1
-    bf16: bool = True
+    bf16: bool | str = "auto"
     use_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
     seed: int = 0
 
@@ -395,6 +397,10 @@ class RLOORunConfig:
             raise ValueError(f"mode={self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
         if self.policy_dtype not in DTYPES:
             raise ValueError(f"policy_dtype={self.policy_dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        # "auto" resolved here (rmlib.precision): the saved config records what was computed
+        self.bf16 = resolve_bf16(self.bf16, "cpu" if self.use_cpu else None)
+        if self.policy_dtype == "auto":
+            self.policy_dtype = "bfloat16" if self.bf16 and self.mode == "lora" else "float32"
         if self.policy_dtype == "bfloat16" and self.mode != "lora":
             raise ValueError("policy_dtype='bfloat16' needs mode='lora' "
                              "(full fine-tuning keeps float32 master weights)")
@@ -489,7 +495,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sample_completions(policy, tokenizer, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, bf16: bool = True,
+                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, bf16: bool | str = "auto",
                        progress: bool = False) -> list[tuple[list[int], bool]]:
     """One sampled completion per row: (ids up to and including the stop token if one was
     generated, finished). Row i draws from its own generator seeded by ``seeds[i]``
@@ -550,7 +556,7 @@ def _completion_hidden(model, prompt_ids, completion_ids, bf16: bool):
 
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
-                     batch_size: int = 16, bf16: bool = True, chunk_tokens: int = 2048) -> np.ndarray:
+                     batch_size: int = 16, bf16: bool | str = "auto", chunk_tokens: int = 2048) -> np.ndarray:
     """sum_t log softmax(logits / T)[y_t] over each completion's tokens, given its prompt: (N,) float64.
     Only completion positions go through the LM head, ``chunk_tokens`` at a time."""
     lm_head = _causal_lm(model).get_output_embeddings()
@@ -682,7 +688,7 @@ class RLOOTracker(TrainerCallback):
     def __init__(self, eval_prompts: list[dict], tokenizer, proxy: RewardModelFunction, gold: RewardModelFunction,
                  every_steps: int = 5, samples_per_prompt: int = 2, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                 bf16: bool = True, reference=None, config: dict | None = None, progress: bool = False):
+                 bf16: bool | str = "auto", reference=None, config: dict | None = None, progress: bool = False):
         _check_number("every_steps", every_steps, low=1, integer=True)
         _check_number("samples_per_prompt", samples_per_prompt, low=1, integer=True)
         if not eval_prompts:

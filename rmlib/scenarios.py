@@ -267,7 +267,7 @@ def response_token_sequences(tokenizer, responses_df: pd.DataFrame, max_length: 
 
 
 def score_responses(model, tokenizer, responses_df: pd.DataFrame, max_length: int = 256, batch_size: int = 16,
-                    bf16: bool = True, progress: bool = True) -> np.ndarray:
+                    bf16: bool | str = "auto", progress: bool = True) -> np.ndarray:
     """Reward of every response (row order): chat-formatted prompt (``messages`` column if
     present, else ``instruction`` as one user turn) + reply, via ``score_replies`` (a frozen-bottom
     model scores through the shared bottom store)."""
@@ -316,7 +316,7 @@ def evaluate_scenario(val: ValSet, rewards, n_boot: int = 1000, seed: int = 0) -
 
 
 def evaluate_scenarios(model, tokenizer, split: ScenarioSplit, scenarios: Sequence[str] = SCENARIOS,
-                       max_length: int = 256, batch_size: int = 16, bf16: bool = True, n_boot: int = 1000,
+                       max_length: int = 256, batch_size: int = 16, bf16: bool | str = "auto", n_boot: int = 1000,
                        seed: int = 0, score_fn: Callable[[pd.DataFrame], np.ndarray] | None = None,
                        progress: bool = True, return_scores: bool = False):
     """Score each scenario's responses once and report, per scenario, pairwise accuracy over

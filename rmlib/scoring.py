@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from rmlib.encoding import pad_sequences
+from rmlib.precision import resolve_bf16
 
 
-def autocast(device: torch.device | str, bf16: bool):
-    """bf16 autocast on CPU or GPU (``bf16=False``: plain fp32)."""
+def autocast(device: torch.device | str, bf16: bool | str):
+    """bf16 autocast on CPU or GPU (``bf16=False``: plain fp32; ``"auto"``: ``rmlib.precision``)."""
     device_type = torch.device(device).type
-    if not bf16:
+    if not resolve_bf16(bf16, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
@@ -37,7 +38,7 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_replies(model, prompts: list[list[int]], replies: list[list[int]], batch_size: int = 16,
-                  bf16: bool = True, progress: bool = True, return_hidden: bool = False, desc: str = "scoring",
+                  bf16: bool | str = "auto", progress: bool = True, return_hidden: bool = False, desc: str = "scoring",
                   use_store: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Rewards (N,) float32 of ``prompts[i] + replies[i]`` (token ids), in input order, and with
     ``return_hidden`` the last-token hidden states (N, H) float32 (else None).
@@ -48,6 +49,7 @@ def score_replies(model, prompts: list[list[int]], replies: list[list[int]], bat
     if len(prompts) != len(replies):
         raise ValueError(f"prompts and replies differ in length ({len(prompts)} vs {len(replies)})")
     prompts, replies = [list(p) for p in prompts], [list(r) for r in replies]
+    bf16 = resolve_bf16(bf16, _device_of(model))
     store = None
     if use_store:
         groups = [(p, [r]) for p, r in zip(prompts, replies)]
@@ -82,7 +84,7 @@ def score_replies(model, prompts: list[list[int]], replies: list[list[int]], bat
     return rewards, hidden
 
 
-def score_pairs(model, encoded, batch_size: int = 8, bf16: bool = True, progress: bool = True,
+def score_pairs(model, encoded, batch_size: int = 8, bf16: bool | str = "auto", progress: bool = True,
                 return_hidden: bool = False, desc: str = "scoring pairs", use_store: bool = True) -> dict[str, np.ndarray]:
     """Rewards of chosen and rejected replies for an encoded pair dataset (see ``encode_pairs``).
 
@@ -100,7 +102,7 @@ def score_pairs(model, encoded, batch_size: int = 8, bf16: bool = True, progress
     return result
 
 
-def score_token_sequences(model, sequences: list[list[int]], batch_size: int = 16, bf16: bool = True,
+def score_token_sequences(model, sequences: list[list[int]], batch_size: int = 16, bf16: bool | str = "auto",
                           progress: bool = True, desc: str = "scoring",
                           prompt_lengths: list[int] | None = None) -> np.ndarray:
     """Rewards for already-tokenized full sequences (prompt + reply), in input order. (N,)

@@ -29,6 +29,7 @@ from rmlib import assets, fastpath
 from rmlib.encoding import PairCollator, encode_pairs
 from rmlib.losses import NEEDS_REFERENCE, NEEDS_REJECTED_LOGP, LossSpec, assert_finite_loss, compute_loss
 from rmlib.models import ModelSpec, RewardModel, build_reward_model, save_reward_model
+from rmlib.precision import resolve_bf16
 from rmlib.results import write_json_atomic
 from rmlib.scoring import pairwise_accuracy, score_pairs
 
@@ -81,7 +82,8 @@ class RMConfig(TrainingArguments):
     remove_unused_columns: bool = False
     train_sampling_strategy: str = "group_by_length"
     dataloader_num_workers: int = 0
-    bf16: bool = True
+    bf16: bool | str = field(default="auto", metadata={
+        "help": "bf16 autocast: True | False | auto (where bf16 matmuls are native, rmlib.precision)"})
     use_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
     seed: int = 0
     disable_tqdm: bool | None = False
@@ -92,6 +94,7 @@ class RMConfig(TrainingArguments):
         assets.check_model_name(self.backbone)  # a missing path fails here, not after the data is tokenized
         if self.max_length < 16:
             raise ValueError(f"max_length={self.max_length} is too small (>= 16)")
+        self.bf16 = resolve_bf16(self.bf16, "cpu" if self.use_cpu else None)  # what was computed is saved
         super().__post_init__()
 
     @property

@@ -165,6 +165,20 @@ def test_report_has_every_row_and_one_exact_ratio_line():
     assert "QUICK" not in md and "Warning" not in md
 
 
+def test_fp32_run_divides_by_the_fp32_peak_and_says_so():
+    res = made_up_results()
+    res["meta"]["precision"] = "fp32"
+    res["measurements"]["peak"]["result"].update(bf16_native=False, peak_bf16_flops=1.4e9, bf16_gflops={"512": 1.4})
+    s = summarize(res)
+    assert s["precision"] == "fp32" and s["peak"] == 153e9
+    assert s["trl_mfu"] == pytest.approx(6 * 106e6 * 100_000 / 400 / 153e9)
+    md = render_markdown(res)
+    assert "4 pairs per batch, float32, AdamW" in md
+    assert "fp32 matmul peak, 2048³ (same run; the MFU peak)" in md and "(emulated: no native bf16" in md
+    assert "1.4 GFLOP/s" in md
+    assert summarize(made_up_results())["peak"] == 365e9  # results without a precision: bf16 (older runs)
+
+
 def test_targets_rows():
     rows = report.target_rows(made_up_results(), summarize(made_up_results()))
     speed = rows[0]

@@ -277,10 +277,10 @@ class TestTraining:
 
     def test_reward_used_in_training_is_the_wrapper(self, run_a, assets):
         # a tracked sample re-scored by a fresh wrapper gives the recorded proxy score
-        _, result = run_a
+        config, result = run_a
         s = result.records[-1]["samples"][0]
         prompt = next(p for p in assets["prompts"].eval if p["prompt_id"] == s["prompt_id"])["prompt"]
-        fn = rloo.RewardModelFunction.from_dir(assets["proxy"], max_length=128)
+        fn = rloo.RewardModelFunction.from_dir(assets["proxy"], max_length=128, bf16=config.bf16)
         assert fn.score([prompt], [s["completion"]])[0] == pytest.approx(s["proxy"], abs=1e-5)
 
     def test_reuse_returns_the_finished_run_and_other_config_is_set_aside(self, run_a, assets):
