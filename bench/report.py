@@ -332,10 +332,16 @@ def target_rows(results: dict, s: dict) -> list[list[str]]:
     d_acc = None if acc_trl is None or acc_rm is None else 100 * (acc_rm - acc_trl)
     speed_ok = None if r_main is None else r_main >= 2.0
     acc_ok = None if d_acc is None else abs(d_acc) <= 1.0
-    both = None if speed_ok is None or acc_ok is None else (speed_ok and acc_ok)
+    n_eval = ((trl or {}).get("eval") or {}).get("n_all")
+    # 95% half-width of a difference of two accuracies near 50% on the same n pairs (independent
+    # binomials; an upper bound for paired scoring): what "±1 point" has to be read against.
+    noise = None if not n_eval else 100 * 1.96 * (2 * 0.25 / n_eval) ** 0.5
+    side = "" if d_acc is None or acc_ok else (" (rmlib higher)" if d_acc > 0 else " (rmlib lower)")
     rows = [["training >= 2.0x TRL pairs/s at the same held-out accuracy (±1 point)",
              f"{_x(r_main)}; accuracy {_pct(acc_rm)} vs TRL {_pct(acc_trl)} "
-             f"(Δ {_f(d_acc, '+.1f', ' pt')})", _yes_no(both)]]
+             f"(Δ {_f(d_acc, '+.1f', ' pt')}; 95% noise of a difference on {n_eval} pairs "
+             f"±{_f(noise, '.1f', ' pt')})",
+             f"speed: {_yes_no(speed_ok)}, accuracy within ±1 pt: {_yes_no(acc_ok)}{side}"]]
     full_mfu = s.get("rmlib_full_kept", {}).get("mfu")
     topk_mfu = s.get("rmlib_topk_kept", {}).get("mfu_work_incl_store")
     rows.append(["training MFU >= 50%", f"full FT {_pct(full_mfu)} (model FLOPs); top-k {_pct(topk_mfu)} "

@@ -182,7 +182,15 @@ def test_fp32_run_divides_by_the_fp32_peak_and_says_so():
 def test_targets_rows():
     rows = report.target_rows(made_up_results(), summarize(made_up_results()))
     speed = rows[0]
-    assert "2.50x" in speed[1] and "Δ -0.5 pt" in speed[1] and speed[2] == "yes"
+    assert "2.50x" in speed[1] and "Δ -0.5 pt" in speed[1]
+    assert speed[2] == "speed: yes, accuracy within ±1 pt: yes"
+    n = made_up_results()["measurements"]["trl"]["result"]["eval"]["n_all"]
+    assert f"on {n} pairs ±{100 * 1.96 * (0.5 / n) ** 0.5:.1f} pt" in speed[1]
+    res = made_up_results()  # rmlib 3 points above TRL: fast enough, but not "the same accuracy"
+    res["measurements"]["rmlib_topk_kept"]["result"]["eval"]["accuracy_all"] = (
+        res["measurements"]["trl"]["result"]["eval"]["accuracy_all"] + 0.03)
+    assert report.target_rows(res, summarize(res))[0][2] == \
+        "speed: yes, accuracy within ±1 pt: **no** (rmlib higher)"
     assert rows[3][1] == "4.00x" and rows[3][2] == "**no**"  # sweep 4x > 1.5x
     assert "plain: **no**, store: yes" == rows[2][2]
 
