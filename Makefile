@@ -23,12 +23,12 @@ $(STAMP): pyproject.toml
 
 ## Run every experiment notebook on PRESET (default cpu) with papermill; figures -> figures/
 reproduce: $(STAMP)
-	$(PY) -m rmlib.reproduce --preset $(PRESET)
+	$(PY) -m rmlib.pipeline.reproduce --preset $(PRESET)
 
 ## Unit tests, then the notebooks under nbval on the smoke preset
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	$(PY) -m rmlib.reproduce --preset smoke --prepare-only --out runs/nbval
+	$(PY) -m rmlib.pipeline.reproduce --preset smoke --prepare-only --out runs/nbval
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider runs/nbval
 
 test-unit: $(STAMP)

@@ -47,7 +47,7 @@ def kept_subset(pairs, tokenizer, max_length: int):
 def encoded_eval(held, tokenizer, max_length: int):
     """Held-out pairs encoded by rmlib (prompt cut from the left) + a TRL-kept flag per row."""
     from bench.trl_format import trl_kept_mask
-    from rmlib.encoding import encode_pairs
+    from rmlib.model.encoding import encode_pairs
 
     enc, _ = encode_pairs(held, tokenizer, max_length)
     kept_ids = {i for i, k in zip(held["id"], trl_kept_mask(held, tokenizer, max_length)) if k}
@@ -62,13 +62,13 @@ def accuracy(chosen: np.ndarray, rejected: np.ndarray, kept: np.ndarray, seconds
 
 def autocast():
     """bf16 autocast if the run computes in bf16 (the parent sets RMLIB_BF16 from --precision), else fp32."""
-    from rmlib.scoring import autocast as rm_autocast
+    from rmlib.core.precision import autocast as rm_autocast
 
     return rm_autocast("cpu", "auto")
 
 
 def rmlib_train_config(spec: dict, output_dir: str, mode: str):
-    from rmlib.train import RMConfig
+    from rmlib.reward.config import RMConfig
 
     z = spec["sizes"]
     return RMConfig(output_dir=output_dir, backbone=spec["backbone"], mode=mode, top_k_layers=z["top_k_layers"],
@@ -80,7 +80,7 @@ def rmlib_train_config(spec: dict, output_dir: str, mode: str):
 # -- measurements ------------------------------------------------------------------------------------
 def measure_peak(spec: dict) -> dict:
     """Median seconds of an (n x n) @ (n x n) matmul in bf16 and fp32; the peak is the best size."""
-    from rmlib.precision import bf16_is_fast
+    from rmlib.core.precision import bf16_is_fast
 
     z = spec["sizes"]
     out: dict = {"sizes": z["matmul_sizes"], "repeats": z["matmul_repeats"], "bf16_gflops": {}, "fp32_gflops": {},
@@ -112,7 +112,7 @@ def measure_peak(spec: dict) -> dict:
 def score_seqcls(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> np.ndarray:
     """Rewards of a transformers sequence-classification model (its own forward and pooling), batched
     by length, right-padded, bf16 autocast; in input order."""
-    from rmlib.encoding import pad_sequences
+    from rmlib.model.encoding import pad_sequences
 
     model.eval()
     order = np.argsort(-np.array([len(s) for s in sequences]), kind="stable")
@@ -133,7 +133,7 @@ def measure_trl(spec: dict) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from bench.trl_format import to_trl_dataset, trl_kept_mask
-    from rmlib.assets import load_tokenizer
+    from rmlib.model.assets import load_tokenizer
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -197,12 +197,12 @@ def measure_trl(spec: dict) -> dict:
 
 def measure_rmlib_train(spec: dict) -> dict:
     """``train_reward_model`` in ``spec['mode']`` on the TRL-kept (``subset='kept'``) or all training
-    pairs, fresh store; held-out accuracy with ``rmlib.scoring.score_pairs`` (its default path)."""
-    from rmlib import fastpath
-    from rmlib.assets import load_tokenizer
-    from rmlib.encoding import encode_pairs
-    from rmlib.scoring import score_pairs
-    from rmlib.train import train_reward_model
+    pairs, fresh store; held-out accuracy with ``rmlib.model.scoring.score_pairs`` (its default path)."""
+    from rmlib.model import bottom_store
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.model.encoding import encode_pairs
+    from rmlib.model.scoring import score_pairs
+    from rmlib.reward.trainer import train_reward_model
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -221,7 +221,7 @@ def measure_rmlib_train(spec: dict) -> dict:
         t0 = time.perf_counter()
         scores = score_pairs(res.model, eval_enc, batch_size=z["eval_batch_pairs"], progress=False)
         eval_s = time.perf_counter() - t0
-        store = fastpath.store_for(res.model)
+        store = bottom_store.store_for(res.model)
         start = int(res.model.frozen_layers or 0)
         params = param_counts(res.model.decoder, res.model.head, start)
         trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
@@ -235,11 +235,11 @@ def measure_rmlib_train(spec: dict) -> dict:
 
 def measure_scoring(spec: dict) -> dict:
     """responses/s: score_replies batched plain vs a per-example forward loop vs the store path."""
-    from rmlib import fastpath
-    from rmlib.assets import load_tokenizer
-    from rmlib.encoding import encode_pairs
-    from rmlib.models import ModelSpec, build_reward_model
-    from rmlib.scoring import score_replies
+    from rmlib.model import bottom_store
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.model.encoding import encode_pairs
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
+    from rmlib.model.scoring import score_replies
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -270,7 +270,7 @@ def measure_scoring(spec: dict) -> dict:
     loop_s = time.perf_counter() - t0
     log(f"per-example loop: {n / loop_s:.2f} responses/s")
 
-    store = fastpath.store_for(model)
+    store = bottom_store.store_for(model)
     if store is None:
         raise RuntimeError("no bottom store for a top-k model: is RMLIB_FASTPATH=0 set?")
     t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def generation_prompts(tok, count: int, max_prompt_tokens: int, seed: int) -> li
     """The first ``count`` HH prompts (in a seeded order) whose chat-formatted text has at most
     ``max_prompt_tokens`` tokens."""
     from rmlib.data import load_hh_rlhf
-    from rmlib.encoding import format_prompt
+    from rmlib.model.encoding import format_prompt
 
     ds = load_hh_rlhf().dataset
     picked = []
@@ -306,13 +306,13 @@ def generation_prompts(tok, count: int, max_prompt_tokens: int, seed: int) -> li
 
 
 def measure_generation(spec: dict) -> dict:
-    """tokens/s: rmlib.bon.sample_responses (batch 32) vs batch-1 model.generate, same prompts and
+    """tokens/s: rmlib.model.generation.sample_responses (batch 32) vs batch-1 model.generate, same prompts and
     max_new_tokens, same sampling settings, both warmed up."""
     from transformers import GenerationConfig
 
-    from rmlib.assets import load_causal_lm, load_tokenizer
-    from rmlib.bon import sample_responses
-    from rmlib.encoding import format_prompt
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.model.generation import sample_responses
+    from rmlib.model.encoding import format_prompt
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -360,9 +360,9 @@ def measure_generation(spec: dict) -> dict:
 def measure_sweep(spec: dict) -> dict:
     """Variants trained one after another (mode topk) in this process with a fresh store; wall
     seconds per run, model loading and the store build (first run) included."""
-    from rmlib.assets import load_tokenizer
-    from rmlib.experiments import variant_config
-    from rmlib.train import train_reward_model
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.reward.variants import variant_config
+    from rmlib.reward.trainer import train_reward_model
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -421,7 +421,7 @@ def main(argv: list[str]) -> int:
     out = {"ok": error is None, "result": result, "error": error, "seconds": time.perf_counter() - t0,
            "torch_threads": torch.get_num_threads(),
            "self_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    from rmlib.results import write_json_atomic
+    from rmlib.core.atomic_io import write_json_atomic
 
     write_json_atomic(result_file, out)
     return 0 if error is None else 1

@@ -21,7 +21,7 @@ from typing import Any
 
 RATIO_LINE_PREFIX = "training speed vs TRL RewardTrainer: "
 ALL_PAIRS_LINE_PREFIX = "all-pairs training speed vs TRL RewardTrainer: "
-# the six losses of issue 9, by their names in rmlib.experiments.VARIANTS (bench.run checks them first)
+# the six losses of issue 9, by their names in rmlib.reward.variants.VARIANTS (bench.run checks them first)
 SWEEP_VARIANTS = ("bt", "bsr", "center", "grm", "grm_dpo_noref", "bsr_grm")
 
 # measurement name -> one-line description (the order of the run and of the table)
@@ -432,13 +432,13 @@ def notes(results: dict, s: dict) -> list[str]:
         "the model-FLOPs MFU of full fine-tuning, which counts 6 · N for every layer. '(top layers)': "
         "6 · N_top · T_top / training seconds.",
         "- **Scoring**: the same responses (held-out prompt + chosen / rejected, <= 256 tokens) through "
-        "`rmlib.scoring.score_replies` with `use_store=False` (length-grouped batches), a per-example "
+        "`rmlib.model.scoring.score_replies` with `use_store=False` (length-grouped batches), a per-example "
         "forward loop (batch 1), and `score_replies` on a top-k model whose bottom store holds these "
         "responses already (only the top layers run). One untrained top-k reward model serves all three.",
-        "- **Generation**: `rmlib.bon.sample_responses` (T=0.7, top-p 0.95, batch 32, n samples per prompt) vs "
+        "- **Generation**: `rmlib.model.generation.sample_responses` (T=0.7, top-p 0.95, batch 32, n samples per prompt) vs "
         "`model.generate` at batch 1 with the same sampling settings, prompts and max_new_tokens; both warmed "
         "up first. Tokens = generated tokens including the end-of-turn token.",
-        "- **Sweep**: the six variants of `rmlib.experiments.VARIANTS` trained one after another in one process "
+        "- **Sweep**: the six variants of `rmlib.reward.variants.VARIANTS` trained one after another in one process "
         "through `train_reward_model` (mode topk, fresh store: the first run builds it, the others reuse it) "
         "vs one BT run in its own process with its own fresh store; wall seconds include model loading.",
         "- **Peak RSS**: `ru_maxrss` of the measurement's own process (`os.wait4`).",

@@ -174,7 +174,7 @@ def run_child(name: str, spec: dict, run_id: str, keep_temp: bool = False) -> di
 
 def write_outputs(results: dict, md_path: Path, json_path: Path) -> None:
     from bench.report import render_markdown
-    from rmlib.results import write_json_atomic, write_text_atomic
+    from rmlib.core.atomic_io import write_json_atomic, write_text_atomic
 
     write_json_atomic(json_path, results)
     write_text_atomic(md_path, render_markdown(results))
@@ -192,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "kept from the existing results.json")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="compute precision of every measurement: bf16 autocast or float32; auto = bf16 where bf16 "
-                         "matmuls are native (rmlib.precision), float32 elsewhere")
+                         "matmuls are native (rmlib.core.precision), float32 elsewhere")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: usable CPUs)")
     ap.add_argument("--keep-temp", action="store_true", help="keep each measurement's temp folder (debugging)")
     for f in fields(Sizes):
@@ -219,17 +219,17 @@ def main(argv=None) -> int:
         print(f"unknown measurement(s) {unknown}; known: {', '.join(MEASUREMENTS)}", file=sys.stderr)
         return 2
 
-    from rmlib.experiments import VARIANTS
+    from rmlib.reward.variants import VARIANTS
 
     sweep = next(extra["variants"] for n, extra in steps if n == "sweep")
     if any(v not in VARIANTS for v in sweep):
-        print(f"sweep variants {[v for v in sweep if v not in VARIANTS]} are not in rmlib.experiments.VARIANTS "
+        print(f"sweep variants {[v for v in sweep if v not in VARIANTS]} are not in rmlib.reward.variants.VARIANTS "
               f"({', '.join(VARIANTS)}); update bench.report.SWEEP_VARIANTS", file=sys.stderr)
         return 2
-    from rmlib.assets import resolve_model
+    from rmlib.model.assets import resolve_model
 
     backbone = resolve_model("smollm2-135m-instruct")  # the dequantized copy in the normal cache (children: fresh caches)
-    from rmlib.precision import resolve_bf16
+    from rmlib.core.precision import resolve_bf16
 
     bf16 = {"bf16": True, "fp32": False}.get(args.precision, None)
     bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", "cpu")

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rmlib.assets import load_tokenizer
+    from rmlib.model.assets import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 

@@ -7,7 +7,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from rmlib import assets
+from rmlib.model import assets
 
 
 def test_unknown_path_names_the_accepted_forms():

@@ -220,7 +220,7 @@ def test_overlong_texts_are_kept(tmp_path):
 def test_overlong_texts_are_cut_and_counted_at_encoding(tmp_path, tokenizer, fmt):
     """Loaded whole, then ``encode_pairs`` cuts the prompt from the left and an over-long reply at
     its end, counts both, and drops (listing the id) a pair whose replies are identical once cut."""
-    from rmlib.encoding import encode_pairs, format_prompt, format_reply
+    from rmlib.model.encoding import encode_pairs, format_prompt, format_reply
 
     long = " ".join(f"w{i}" for i in range(600))  # ~1,200 tokens
     rows = [{"prompt": long, "chosen": "Short yes.", "rejected": "Short no."},            # prompt cut

@@ -54,7 +54,7 @@ def test_token_counts_count_the_prompt_once_per_side_or_once_in_the_store():
 
 
 def test_param_counts_split_bottom_and_top(tokenizer):
-    from rmlib.models import RewardModel
+    from rmlib.model.reward_model import RewardModel
 
     model = RewardModel(make_tiny_lm(tokenizer, layers=4, hidden=32))
     dec = model.decoder
@@ -226,7 +226,7 @@ def test_default_sizes_fit_the_budget_and_quick_is_tiny():
     quick = Sizes(**QUICK)
     assert quick.n_train <= 16 and quick.n_eval <= 16 and quick.n_sweep <= 16 and quick.matmul_repeats <= 3
     assert [n for n, _ in plan()] == list(report.MEASUREMENTS)
-    from rmlib.experiments import VARIANTS
+    from rmlib.reward.variants import VARIANTS
 
     assert set(report.SWEEP_VARIANTS) <= set(VARIANTS) and len(report.SWEEP_VARIANTS) == 6
 
@@ -236,7 +236,7 @@ def test_trl_conversion_on_two_real_hh_pairs(hh_pairs, tokenizer):
     from trl.data_utils import is_conversational
 
     from bench.trl_format import to_trl_dataset, trl_kept_mask, trl_token_ids
-    from rmlib.encoding import encode_pairs
+    from rmlib.model.encoding import encode_pairs
 
     pairs = hh_pairs.select(range(2))
     ds = to_trl_dataset(pairs)

@@ -1,4 +1,4 @@
-"""rmlib.bon: the exact Best-of-n estimator against brute-force enumeration of all n-subsets,
+"""rmlib.model.generation: the exact Best-of-n estimator against brute-force enumeration of all n-subsets,
 and resumable, deterministic sampling/scoring on the tiny random model."""
 
 from __future__ import annotations
@@ -13,21 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from rmlib import bon
-from rmlib.bon import (
-    bon_curve,
-    bon_expectation,
-    bon_summary,
-    default_ns,
-    kl_bon,
-    read_samples,
-    sample_responses,
-    score_samples,
-    score_samples_cached,
-    split_response,
-)
-from rmlib.encoding import format_prompt, format_reply
-from rmlib.models import RewardModel, save_reward_model
+from rmlib.analysis import bon
+from rmlib.model import generation
+from rmlib.model import reward_model as reward_model_mod
+from rmlib.model import score_cache
+from rmlib.analysis.bon import bon_curve, bon_expectation, bon_summary, default_ns, kl_bon
+from rmlib.model.generation import read_samples, sample_responses, split_response
+from rmlib.model.score_cache import score_samples, score_samples_cached
+from rmlib.model.encoding import format_prompt, format_reply
+from rmlib.model.reward_model import RewardModel, save_reward_model
 
 from conftest import make_tiny_lm
 
@@ -206,7 +200,7 @@ def fresh(policy, tokenizer, tmp_path_factory):
 class TestSampling:
     def test_shape_and_columns(self, fresh, tokenizer):
         df, path = fresh
-        assert list(df.columns) == bon.SAMPLE_COLUMNS and len(df) == 12
+        assert list(df.columns) == generation.SAMPLE_COLUMNS and len(df) == 12
         assert list(df["prompt_id"]) == [p for p in IDS for _ in range(4)]
         assert list(df["sample_index"]) == [0, 1, 2, 3] * 3
         assert df["prompt"].iloc[0] == format_prompt(tokenizer, PROMPTS[0])
@@ -242,7 +236,7 @@ class TestSampling:
         data = path.read_bytes()
         last_start = data.rstrip(b"\n").rfind(b"\n") + 1
         path.write_bytes(data[: last_start + 25])  # killed in the middle of the last row (q2, sample 3)
-        with caplog.at_level(logging.WARNING, logger="rmlib.bon"):
+        with caplog.at_level(logging.WARNING, logger="rmlib.model.generation"):
             df = sample_responses(policy, tokenizer, PROMPTS, IDS, out_path=path, batch_size=2, **SMALL)
         assert "partial last line" in caplog.text
         assert count_generate == [2]  # q2's second chunk (samples 2, 3) redone, only sample 3 written
@@ -302,8 +296,8 @@ class TestRowSampler:
     SCORES = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
 
     def draw(self, rows, temperature, top_p, candidates=256):
-        gens = [torch.Generator().manual_seed(bon._sample_seed(0, "p", i)) for i in range(rows)]
-        out = bon.RowSampler(gens, temperature, top_p, candidates)(None, self.SCORES.repeat(rows, 1))
+        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(rows)]
+        out = generation.RowSampler(gens, temperature, top_p, candidates)(None, self.SCORES.repeat(rows, 1))
         assert torch.isfinite(out).sum(-1).eq(1).all() and out.max(-1).values.eq(0).all()  # one 0, rest -inf
         return out.argmax(-1)
 
@@ -323,8 +317,8 @@ class TestRowSampler:
 
     def test_rows_do_not_depend_on_the_batch(self):
         both = self.draw(64, 1.0, 0.9)
-        gens = [torch.Generator().manual_seed(bon._sample_seed(0, "p", i)) for i in range(32, 64)]
-        alone = bon.RowSampler(gens, 1.0, 0.9)(None, self.SCORES.repeat(32, 1)).argmax(-1)
+        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(32, 64)]
+        alone = generation.RowSampler(gens, 1.0, 0.9)(None, self.SCORES.repeat(32, 1)).argmax(-1)
         torch.testing.assert_close(alone, both[32:])
 
 
@@ -358,8 +352,8 @@ class TestScoring:
     def test_cache_resumes_and_keys_by_model(self, fresh, reward_model, tokenizer, tmp_path, monkeypatch):
         df, cache = fresh[0], tmp_path / "scores.jsonl"
         scored = []
-        original = bon.score_replies
-        monkeypatch.setattr(bon, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
+        original = score_cache.score_replies
+        monkeypatch.setattr(score_cache, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
                             original(m, prompts, replies, **kw))
         kw = dict(batch_size=4, bf16=False, progress=False)
         direct = score_samples(reward_model, tokenizer, df, **kw)
@@ -390,13 +384,13 @@ class TestScoring:
 
 # -- several prompts per generation batch (n < batch_size) -------------------------------------------
 def test_generation_batches():
-    assert bon.generation_batches(2, 5, 2) == [[(0, [0, 1])], [(0, [2, 3])], [(0, [4])], [(1, [0, 1])],
+    assert generation.generation_batches(2, 5, 2) == [[(0, [0, 1])], [(0, [2, 3])], [(0, [4])], [(1, [0, 1])],
                                                [(1, [2, 3])], [(1, [4])]]
-    assert bon.generation_batches(5, 4, 9) == [[(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3])],
+    assert generation.generation_batches(5, 4, 9) == [[(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3])],
                                                [(2, [0, 1, 2, 3]), (3, [0, 1, 2, 3])], [(4, [0, 1, 2, 3])]]
-    assert bon.generation_batches(3, 4, 4) == [[(i, [0, 1, 2, 3])] for i in range(3)]
+    assert generation.generation_batches(3, 4, 4) == [[(i, [0, 1, 2, 3])] for i in range(3)]
     # fixed by the arguments alone: appending prompts never regroups the earlier ones
-    assert bon.generation_batches(4, 4, 9)[:1] == bon.generation_batches(5, 4, 9)[:1]
+    assert generation.generation_batches(4, 4, 9)[:1] == generation.generation_batches(5, 4, 9)[:1]
 
 
 LONG_PROMPTS = [[{"role": "user", "content": "Hi."}],
@@ -432,7 +426,7 @@ class TestPackedSampling:
 def rm_family(tokenizer, tmp_path_factory):
     """Three saved top-1 RMs of one tiny backbone (layers 0..2 frozen, layer 3 and the head differ, as
     top-k training leaves them) and a fourth, full-mode RM of another backbone."""
-    from rmlib.models import ModelSpec, build_reward_model
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
 
     root = tmp_path_factory.mktemp("family")
     paths = {}
@@ -452,11 +446,11 @@ def rm_family(tokenizer, tmp_path_factory):
 class TestManyRewardModels:
     @pytest.mark.parametrize("names", [("rm0", "rm1", "rm2"), ("rm0", "other"), ("rm1",)])
     def test_scores_equal_each_models_plain_forward(self, rm_family, fresh, tokenizer, names, tmp_path, monkeypatch):
-        from rmlib.models import load_reward_model
+        from rmlib.model.reward_model import load_reward_model
 
         monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
         df = fresh[0]
-        got = bon.score_samples_multi({k: rm_family[k] for k in names}, tokenizer, df, batch_size=5, bf16=False,
+        got = score_cache.score_samples_multi({k: rm_family[k] for k in names}, tokenizer, df, batch_size=5, bf16=False,
                                       progress=False)
         assert list(got.columns) == ["prompt_id", "sample_index", *names] and len(got) == len(df)
         monkeypatch.setenv("RMLIB_FASTPATH", "0")  # the reference: whole sequences, no store
@@ -467,50 +461,50 @@ class TestManyRewardModels:
 
     def test_the_bottom_runs_once_for_all_models_of_one_backbone(self, rm_family, fresh, tokenizer, tmp_path,
                                                                   monkeypatch):
-        from rmlib import fastpath
+        from rmlib.model import bottom_store
 
         monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
         computed = []
-        real = fastpath.bottom_prompt_replies
-        monkeypatch.setattr(fastpath, "bottom_prompt_replies",
+        real = bottom_store.bottom_prompt_replies
+        monkeypatch.setattr(bottom_store, "bottom_prompt_replies",
                             lambda d, p, r, *a: computed.append(len(r)) or real(d, p, r, *a))
-        bon.score_samples_multi({k: rm_family[k] for k in ("rm0", "rm1", "rm2")}, tokenizer, fresh[0], bf16=False,
+        score_cache.score_samples_multi({k: rm_family[k] for k in ("rm0", "rm1", "rm2")}, tokenizer, fresh[0], bf16=False,
                                 progress=False)
         assert sum(computed) == len(fresh[0])  # every sample once, for the first model only
         assert len(list((tmp_path / "bottom").iterdir())) == 1
 
     def test_cache_resumes_per_model_and_loads_only_what_it_needs(self, rm_family, fresh, tokenizer, tmp_path,
                                                                    monkeypatch):
-        from rmlib import models as rm_models
+        from rmlib.model import reward_model as reward_model_mod
 
         monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
         df, cache = fresh[0], tmp_path / "scores.jsonl"
         scored, loaded = [], []
-        original, load = bon.score_samples, rm_models.load_reward_model
-        monkeypatch.setattr(bon, "score_samples", lambda m, t, d, *a, **k: scored.append(len(d)) or
+        original, load = score_cache.score_samples, reward_model_mod.load_reward_model
+        monkeypatch.setattr(score_cache, "score_samples", lambda m, t, d, *a, **k: scored.append(len(d)) or
                             original(m, t, d, *a, **k))
-        monkeypatch.setattr(rm_models, "load_reward_model", lambda p, *a, **k: loaded.append(p) or load(p, *a, **k))
+        monkeypatch.setattr(score_cache, "load_reward_model", lambda p, *a, **k: loaded.append(p) or load(p, *a, **k))
         dirs = {k: rm_family[k] for k in ("rm0", "rm1")}
         kw = dict(bf16=False, progress=False, cache_keys={"rm0": "rm0@v1", "rm1": "rm1@v1"})
-        first = bon.score_samples_multi(dirs, tokenizer, df.iloc[:5], cache, chunk_size=3, **kw)
+        first = score_cache.score_samples_multi(dirs, tokenizer, df.iloc[:5], cache, chunk_size=3, **kw)
         assert scored == [3, 2, 3, 2] and len(loaded) == 2
         scored.clear()
-        full = bon.score_samples_multi(dirs, tokenizer, df, cache, **kw)
+        full = score_cache.score_samples_multi(dirs, tokenizer, df, cache, **kw)
         assert scored == [7, 7]
         pd.testing.assert_frame_equal(full.iloc[:5], first)
         scored.clear(), loaded.clear()
-        pd.testing.assert_frame_equal(bon.score_samples_multi(dirs, tokenizer, df, cache, **kw), full)
+        pd.testing.assert_frame_equal(score_cache.score_samples_multi(dirs, tokenizer, df, cache, **kw), full)
         assert scored == [] and loaded == []  # everything cached: no model loaded
-        bon.score_samples_multi(dirs, tokenizer, df, cache, **{**kw, "cache_keys": {"rm0": "rm0@v2", "rm1": "rm1@v1"}})
+        score_cache.score_samples_multi(dirs, tokenizer, df, cache, **{**kw, "cache_keys": {"rm0": "rm0@v2", "rm1": "rm1@v1"}})
         assert scored == [12]  # a new version of rm0 is scored again
         with pytest.raises(ValueError, match="models is empty"):
-            bon.score_samples_multi({}, tokenizer, df)
+            score_cache.score_samples_multi({}, tokenizer, df)
 
     def test_model_digest_changes_with_a_new_export(self, rm_family, tmp_path, tokenizer):
-        d0 = bon.model_digest(rm_family["rm0"])
-        assert d0 == bon.model_digest(rm_family["rm0"]) and d0 != bon.model_digest(rm_family["rm1"])
+        d0 = reward_model_mod.model_digest(rm_family["rm0"])
+        assert d0 == reward_model_mod.model_digest(rm_family["rm0"]) and d0 != reward_model_mod.model_digest(rm_family["rm1"])
         with pytest.raises(FileNotFoundError, match="rmlib_reward.json"):
-            bon.model_digest(tmp_path)
+            reward_model_mod.model_digest(tmp_path)
 
 
 def test_bon_per_prompt_matches_bon_expectation():

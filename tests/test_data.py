@@ -12,7 +12,7 @@ import pytest
 
 import rmlib.data as D
 from rmlib.data import DataError, load_source
-from rmlib.paths import data_dir
+from rmlib.core.paths import data_dir
 
 pytestmark = pytest.mark.skipif(not (data_dir() / "README.md").exists(), reason="shared data folder not found")
 

@@ -22,7 +22,7 @@ deals the sampler's batches of B round-robin: process 0 gets pairs 4t, 4t+1, pro
   through an autograd all-gather, whose backward sums the W processes' (identical) gradients into
   the local slice: W times the single-process gradient, which DDP's 1/W averaging cancels. One
   step is then the gradient of BT + lam mean^2 over the W*B pairs: one process with W*B pairs.
-  Checked with full fine-tuning and with top-k through the frozen-bottom store (rmlib.fastpath).
+  Checked with full fine-tuning and with top-k through the frozen-bottom store (rmlib.model.bottom_store).
 
 Compared: the fp32 trainable weights of the last checkpoint (TOL; the doubled-batch twin pads
 sequences to other lengths and sums in another order, the accumulation twins come out bitwise
@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_lm
-from rmlib.paths import REPO_ROOT
+from rmlib.core.paths import REPO_ROOT
 
 pytestmark = pytest.mark.dist
 
@@ -70,7 +70,7 @@ RUNS = {
     "bsr_global": (dict(loss="bsr", loss_params={"lam": BSR_LAM, "global_batch": True}),
                    dict(per_device_train_batch_size=2 * WORLD)),
     "bsr_topk": (dict(loss="bsr", loss_params={"lam": BSR_LAM, "global_batch": True}, mode="topk", top_k_layers=1),
-                 dict(per_device_train_batch_size=2 * WORLD)),  # through the bottom store (rmlib.fastpath)
+                 dict(per_device_train_batch_size=2 * WORLD)),  # through the bottom store (rmlib.model.bottom_store)
     "grm": (dict(regularizer="sft", alpha=0.1, mode="lora", lora_r=4, lora_dropout=0.0),  # no dropout: exact
             dict(gradient_accumulation_steps=WORLD)),
 }
@@ -135,7 +135,8 @@ def two_proc(tmp_path_factory, tiny_backbone, pairs_file):
 @pytest.fixture(scope="module")
 def one_proc(tmp_path_factory, tiny_backbone, split):
     """name -> TrainResult of the single-process reference run of RUNS[name] (in this process)."""
-    from rmlib.train import RMConfig, train_reward_model
+    from rmlib.reward.config import RMConfig
+    from rmlib.reward.trainer import train_reward_model
 
     out = tmp_path_factory.mktemp("one_proc")
     train, held_out = split
@@ -154,8 +155,8 @@ def _checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _initial_weights(backbone: str, fields: dict, out: Path) -> dict[str, torch.Tensor]:
     """The trainable weights of a run before its first step (same spec and seed as the run)."""
-    from rmlib.models import build_reward_model
-    from rmlib.train import RMConfig
+    from rmlib.model.reward_model import build_reward_model
+    from rmlib.reward.config import RMConfig
 
     cfg = RMConfig(backbone=backbone, output_dir=str(out), **{**COMMON, **fields})
     return build_reward_model(cfg.model_spec, seed=cfg.seed).trainable_state_dict()
@@ -179,9 +180,9 @@ def _assert_exported_with_weights(final: Path) -> None:
 
 
 def _scores(final_dir: Path, held_out, tokenizer):
-    from rmlib.encoding import encode_pairs
-    from rmlib.models import load_reward_model
-    from rmlib.scoring import score_pairs
+    from rmlib.model.encoding import encode_pairs
+    from rmlib.model.reward_model import load_reward_model
+    from rmlib.model.scoring import score_pairs
 
     enc, _ = encode_pairs(held_out, tokenizer, max_length=256)
     s = score_pairs(load_reward_model(final_dir), enc, bf16=False, progress=False, use_store=False)  # plain path
@@ -201,7 +202,7 @@ def _linear_rewards(w: torch.Tensor, rec: dict) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_global_penalty_equals_single_process_penalty_on_the_concatenated_batch(penalty_records):
-    from rmlib.losses import LossSpec, compute_loss
+    from rmlib.reward.losses import LossSpec, compute_loss
 
     lam, w0 = penalty_records[0]["lam"], penalty_records[0]["w0"]
     parts = [_linear_rewards(w0, rec) for rec in penalty_records]
@@ -219,7 +220,7 @@ def test_global_penalty_equals_single_process_penalty_on_the_concatenated_batch(
 
 def test_global_penalty_gradient_reaches_the_local_rewards_w_times_the_single_process_one(penalty_records):
     """Backward of the all-gather sums the W ranks' identical gradients into each local slice."""
-    from rmlib.losses import bsr
+    from rmlib.reward.losses import bsr
 
     lam, w0 = penalty_records[0]["lam"], penalty_records[0]["w0"]
     parts = [_linear_rewards(w0, rec) for rec in penalty_records]
@@ -233,7 +234,7 @@ def test_global_penalty_gradient_reaches_the_local_rewards_w_times_the_single_pr
 
 
 def test_ddp_parameter_gradient_equals_the_single_process_gradient_in_both_modes(penalty_records):
-    from rmlib.losses import bsr
+    from rmlib.reward.losses import bsr
 
     lam, w0 = penalty_records[0]["lam"], penalty_records[0]["w0"]
 
@@ -307,7 +308,7 @@ def test_the_saved_checkpoint_loads_and_scores_like_a_single_process_one(two_pro
 def test_a_linear_head_checkpoint_from_two_processes_loads_in_plain_transformers(two_proc, split, one_proc):
     from transformers import AutoModelForSequenceClassification
 
-    from rmlib.encoding import encode_pairs, pad_sequences
+    from rmlib.model.encoding import encode_pairs, pad_sequences
 
     final = two_proc / "bt" / "final"
     _assert_exported_with_weights(final)
@@ -325,7 +326,7 @@ def test_a_linear_head_checkpoint_from_two_processes_loads_in_plain_transformers
 # the CLI under accelerate launch
 
 def _cli_entry() -> list[str]:
-    return ["-m", "rmlib.cli_train"]
+    return ["-m", "rmlib.reward.cli"]
 
 
 def _cli_flags(fields: dict) -> list[str]:
@@ -338,30 +339,30 @@ def _cli_flags(fields: dict) -> list[str]:
 def test_cli_flags_default_to_rmconfig_defaults_and_take_loss_params_as_json(tmp_path):
     import dataclasses
 
-    from rmlib.train import RMConfig
+    from rmlib.reward.config import RMConfig
 
-    from rmlib import cli_train
+    from rmlib.reward import cli
 
     out = str(tmp_path)
-    cfg, data = cli_train.parser().parse_args_into_dataclasses(args=["--output_dir", out])
+    cfg, data = cli.parser().parse_args_into_dataclasses(args=["--output_dir", out])
     ref = RMConfig(output_dir=out)
     differ = {f.name: (getattr(cfg, f.name), getattr(ref, f.name)) for f in dataclasses.fields(RMConfig)
               if getattr(cfg, f.name) != getattr(ref, f.name)}
     assert not differ  # HfArgumentParser alone gets report_to and use_cpu wrong
     assert data.source == "hh-rlhf" and data.n_train is None and data.split_seed is None
-    cfg, _ = cli_train.parser().parse_args_into_dataclasses(
+    cfg, _ = cli.parser().parse_args_into_dataclasses(
         args=["--output_dir", out, "--loss", "bsr", "--loss_params", '{"lam": 0.001, "global_batch": true}'])
     assert cfg.loss_spec.reward_kwargs == {"lam": 0.001, "global_batch": True}
     with pytest.raises(ValueError, match="lam"):  # validated like RMConfig(...)
-        cli_train.parser().parse_args_into_dataclasses(
+        cli.parser().parse_args_into_dataclasses(
             args=["--output_dir", out, "--loss", "bsr", "--loss_params", '{"lambda": 0.001}'])
     for bad in ("{lam: 0.001}", "[0.001]"):  # not a JSON object: argparse's usage error
         with pytest.raises(SystemExit):
-            cli_train.parser().parse_args_into_dataclasses(args=["--output_dir", out, "--loss_params", bad])
+            cli.parser().parse_args_into_dataclasses(args=["--output_dir", out, "--loss_params", bad])
 
 
 def test_cli_under_accelerate_launch_trains_like_one_process(tmp_path, tiny_backbone, pairs_file, split, one_proc):
-    """`accelerate launch --config_file params/accelerate/ddp.yaml -m rmlib.cli_train --loss bsr
+    """`accelerate launch --config_file params/accelerate/ddp.yaml -m rmlib.reward.cli --loss bsr
     --loss_params '{...}' ...` with global-batch BSR equals one process with the doubled batch."""
     fields, _ = RUNS["bsr_global"]
     out = tmp_path / "cli_run"
@@ -416,7 +417,7 @@ def test_fsdp_config_shards_fully_and_wraps_each_decoder_layer_of_a_reward_model
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    from rmlib.models import ModelSpec, build_reward_model
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
 
     args, _ = _launch_args(ACCEL_DIR / "fsdp.yaml", ("--num_processes", "2"))
     env = prepare_multi_gpu_env(args)

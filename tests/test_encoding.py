@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from rmlib.encoding import PairCollator, encode_pairs, format_prompt, format_reply, truncate_pair
+from rmlib.model.encoding import PairCollator, encode_pairs, format_prompt, format_reply, truncate_pair
 
 
 def test_truncate_keeps_reply_and_cuts_prompt_from_the_left():

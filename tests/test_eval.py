@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rmlib import eval as E
+from rmlib.analysis import benchmarks
+from rmlib.analysis import stats
 from rmlib.data import EXAMPLE_COUNTS, load_hhh_alignment, to_dataset, pair_row
 
 
@@ -41,34 +42,34 @@ def stub_scorer(pairs):
 class TestAccuracyTable:
     def test_values_ties_wrong_and_categories(self):
         # correct: yes, no, tie (wrong), yes, NaN (wrong)
-        t = E.pairwise_accuracy_table([1, 2, 3, 4, np.nan], [0, 3, 3, 1, 0], ["a", "a", "b", "b", "b"], seed=0)
+        t = stats.pairwise_accuracy_table([1, 2, 3, 4, np.nan], [0, 3, 3, 1, 0], ["a", "a", "b", "b", "b"], seed=0)
         assert list(t.columns) == ["category", "n", "accuracy", "ci_low", "ci_high"]
         assert t["category"].tolist() == ["a", "b", "overall"] and t["n"].tolist() == [2, 3, 5]
         np.testing.assert_allclose(t["accuracy"], [0.5, 1 / 3, 0.4])
         assert (t["ci_low"] <= t["accuracy"]).all() and (t["accuracy"] <= t["ci_high"]).all()
 
     def test_overall_only_without_or_with_one_category(self):
-        assert E.pairwise_accuracy_table([1, 0], [0, 1])["category"].tolist() == ["overall"]
-        assert E.pairwise_accuracy_table([1, 0], [0, 1], ["", ""])["category"].tolist() == ["overall"]
+        assert stats.pairwise_accuracy_table([1, 0], [0, 1])["category"].tolist() == ["overall"]
+        assert stats.pairwise_accuracy_table([1, 0], [0, 1], ["", ""])["category"].tolist() == ["overall"]
 
     def test_interval_deterministic_and_seeded(self):
         rng = np.random.default_rng(1)
         c, r = rng.normal(size=300) + 0.3, rng.normal(size=300)
-        a = E.pairwise_accuracy_table(c, r, seed=3)
-        pd.testing.assert_frame_equal(a, E.pairwise_accuracy_table(c, r, seed=3))
-        assert not a.equals(E.pairwise_accuracy_table(c, r, seed=4))
-        assert E.pairwise_accuracy_table(c, r, n_boot=0)[["ci_low", "ci_high"]].isna().all().all()
+        a = stats.pairwise_accuracy_table(c, r, seed=3)
+        pd.testing.assert_frame_equal(a, stats.pairwise_accuracy_table(c, r, seed=3))
+        assert not a.equals(stats.pairwise_accuracy_table(c, r, seed=4))
+        assert stats.pairwise_accuracy_table(c, r, n_boot=0)[["ci_low", "ci_high"]].isna().all().all()
 
     def test_binomial_draws_match_resampling_pairs(self):
         """The binomial shortcut has the distribution of the mean of resampled pairs."""
         correct = np.r_[np.ones(140), np.zeros(60)]
         rng = np.random.default_rng(0)
         plain = [correct[rng.integers(0, 200, 200)].mean() for _ in range(4000)]
-        fast = E.bootstrap_accuracy(correct, 4000, np.random.default_rng(1))
-        np.testing.assert_allclose(E.percentile_interval(fast), E.percentile_interval(plain), atol=0.015)
+        fast = stats.bootstrap_accuracy(correct, 4000, np.random.default_rng(1))
+        np.testing.assert_allclose(stats.percentile_interval(fast), stats.percentile_interval(plain), atol=0.015)
 
     def test_empty(self):
-        t = E.pairwise_accuracy_table([], [])
+        t = stats.pairwise_accuracy_table([], [])
         assert t["n"].tolist() == [0] and t[["accuracy", "ci_low", "ci_high"]].isna().all().all()
 
 
@@ -77,35 +78,35 @@ class TestAccuracyTable:
 class TestKendall:
     def test_hand_values_with_ties(self):
         # pairs of [1,2,3,4] vs [1,2,2,3]: 5 concordant, 0 discordant, 1 tied in y -> 5/sqrt(6*5)
-        assert E.kendall_tau_b([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(5 / math.sqrt(30))  # scipy: 0.9128709
+        assert stats.kendall_tau_b([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(5 / math.sqrt(30))  # scipy: 0.9128709
         # [1,1,2,3] vs [1,2,2,2]: 2 concordant, 0 discordant; 1 pair tied in x, 3 tied in y -> 2/sqrt(5*3)
-        assert E.kendall_tau_b([1, 1, 2, 3], [1, 2, 2, 2]) == pytest.approx(2 / math.sqrt(15))
+        assert stats.kendall_tau_b([1, 1, 2, 3], [1, 2, 2, 2]) == pytest.approx(2 / math.sqrt(15))
         # [1,1,2,2] vs [1,2,1,2]: 1 concordant, 1 discordant -> 0
-        assert E.kendall_tau_b([1, 1, 2, 2], [1, 2, 1, 2]) == 0.0
-        assert E.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-        assert E.kendall_tau_b([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+        assert stats.kendall_tau_b([1, 1, 2, 2], [1, 2, 1, 2]) == 0.0
+        assert stats.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+        assert stats.kendall_tau_b([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
 
     def test_undefined_is_nan(self):
-        assert math.isnan(E.kendall_tau_b([1, 2, 3], [1, 1, 1]))
-        assert math.isnan(E.kendall_tau_b([5, 5], [1, 2]))
-        assert math.isnan(E.kendall_tau_b([1], [1]))
+        assert math.isnan(stats.kendall_tau_b([1, 2, 3], [1, 1, 1]))
+        assert math.isnan(stats.kendall_tau_b([5, 5], [1, 2]))
+        assert math.isnan(stats.kendall_tau_b([1], [1]))
         with pytest.raises(ValueError):
-            E.kendall_tau_b([1, 2], [1, 2, 3])
+            stats.kendall_tau_b([1, 2], [1, 2, 3])
 
     def test_matches_plain_loop_with_ties(self):
         rng = np.random.default_rng(0)
         for n in (2, 5, 17, 40):
             x, y = rng.integers(0, 4, n).astype(float), rng.integers(0, 3, n).astype(float)
             ref = _tau_reference(x, y)
-            got = E.kendall_tau_b(x, y)
+            got = stats.kendall_tau_b(x, y)
             assert (math.isnan(ref) and math.isnan(got)) or got == pytest.approx(ref)
 
     def test_blocks_give_the_same_answer(self, monkeypatch):
         rng = np.random.default_rng(2)
         x, y = rng.normal(size=300), rng.integers(0, 5, 300).astype(float)
-        whole = E.kendall_tau_b(x, y)
-        monkeypatch.setattr(E, "TAU_BLOCK_ELEMENTS", 1000)  # 3 rows per slab
-        assert E.kendall_tau_b(x, y) == pytest.approx(whole) == pytest.approx(_tau_reference(x, y))
+        whole = stats.kendall_tau_b(x, y)
+        monkeypatch.setattr(stats, "TAU_BLOCK_ELEMENTS", 1000)  # 3 rows per slab
+        assert stats.kendall_tau_b(x, y) == pytest.approx(whole) == pytest.approx(_tau_reference(x, y))
 
     def test_per_prompt_skips_and_counts(self):
         df = pd.DataFrame({
@@ -115,10 +116,10 @@ class TestKendall:
         })
         # p1: tau 1; p2: scores 3>2>1 vs gold -1<1=1 -> (0-2)/sqrt(3*2); p3 gold constant, p4 scores
         # constant, p5 one response: skipped
-        mean, used, skipped = E.per_prompt_kendall(df, "p", "score", "gold")
+        mean, used, skipped = stats.per_prompt_kendall(df, "p", "score", "gold")
         assert (used, skipped) == (2, 3)
         assert mean == pytest.approx((1 - 2 / math.sqrt(6)) / 2)
-        assert E.per_prompt_kendall(df[df.p == 5], "p", "score", "gold")[1:] == (0, 1)
+        assert stats.per_prompt_kendall(df[df.p == 5], "p", "score", "gold")[1:] == (0, 1)
 
 
 # ---- benchmarks on the published hub schemas, stub scorer -----------------------------------
@@ -147,15 +148,15 @@ MT_ROWS = [
 
 class TestBenchmarks:
     def test_registry(self):
-        assert set(E.BENCHMARKS) == {"hh_harmless", "hhh", "lfqa", "mt_bench", "reward_bench"}
-        assert {n for n, b in E.BENCHMARKS.items() if b.hub_only} == {"mt_bench", "reward_bench"}
+        assert set(benchmarks.BENCHMARKS) == {"hh_harmless", "hhh", "lfqa", "mt_bench", "reward_bench"}
+        assert {n for n, b in benchmarks.BENCHMARKS.items() if b.hub_only} == {"mt_bench", "reward_bench"}
         with pytest.raises(ValueError, match="unknown benchmark"):
-            E.evaluate_benchmarks(None, None, ["nope"], scorer=stub_scorer)
+            benchmarks.evaluate_benchmarks(None, None, ["nope"], scorer=stub_scorer)
 
     def test_mt_bench_ties_dropped(self):
-        t = E.evaluate_benchmarks(None, None, ["mt_bench"], scorer=stub_scorer, n_boot=200,
+        t = benchmarks.evaluate_benchmarks(None, None, ["mt_bench"], scorer=stub_scorer, n_boot=200,
                                   sources={"mt_bench": datasets.Dataset.from_list(MT_ROWS)})
-        assert list(t.columns) == E.BENCHMARK_COLUMNS
+        assert list(t.columns) == benchmarks.BENCHMARK_COLUMNS
         overall = t[t.category == "overall"].iloc[0]
         assert overall["n"] == 4 and overall["accuracy"] == pytest.approx(2 / 4)
         # categories from the local MT-Bench question file: 81 = writing, 101 = reasoning
@@ -170,7 +171,7 @@ class TestBenchmarks:
         rows = [row("alpacaeval-easy", 2, 1, 0), row("alpacaeval-easy", 1, 2, 1), row("mt-bench-easy", 3, 1, 2),
                 row("hep-go", 2, 1, 3), row("hep-go", 2, 1, 4), row("math-prm", 1, 1, 5),
                 row("donotanswer", 5, 0, 6), row("new-subset", 0, 1, 7)]
-        t = E.evaluate_benchmarks(None, None, ["reward_bench"], scorer=stub_scorer, n_boot=300,
+        t = benchmarks.evaluate_benchmarks(None, None, ["reward_bench"], scorer=stub_scorer, n_boot=300,
                                   sources={"reward_bench": rows})
         acc = t.set_index("category")["accuracy"]
         assert acc["alpacaeval-easy"] == 0.5 and acc["mt-bench-easy"] == 1 and acc["hep-go"] == 1
@@ -191,7 +192,7 @@ class TestBenchmarks:
             raise ConnectionError("no network")
 
         monkeypatch.setattr(datasets, "load_dataset", offline)
-        t = E.evaluate_benchmarks(None, None, ["mt_bench", "reward_bench", "lfqa"], scorer=stub_scorer_lengths,
+        t = benchmarks.evaluate_benchmarks(None, None, ["mt_bench", "reward_bench", "lfqa"], scorer=stub_scorer_lengths,
                                   n_boot=50)
         skipped = t[t.category == "skipped"]
         assert skipped["benchmark"].tolist() == ["mt_bench", "reward_bench"] and (skipped.n == 0).all()
@@ -199,11 +200,11 @@ class TestBenchmarks:
         assert t[(t.benchmark == "lfqa") & (t.category == "overall")]["n"].item() > 200
 
     def test_max_pairs_is_a_deterministic_stratified_subsample(self):
-        a, sa = E.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=1, scorer=stub_scorer_lengths,
+        a, sa = benchmarks.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=1, scorer=stub_scorer_lengths,
                                       n_boot=50, return_scores=True)
-        b, sb = E.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=1, scorer=stub_scorer_lengths,
+        b, sb = benchmarks.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=1, scorer=stub_scorer_lengths,
                                       n_boot=50, return_scores=True)
-        c, sc = E.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=2, scorer=stub_scorer_lengths,
+        c, sc = benchmarks.evaluate_benchmarks(None, None, ["hhh"], max_pairs=40, seed=2, scorer=stub_scorer_lengths,
                                       n_boot=50, return_scores=True)
         pd.testing.assert_frame_equal(a, b)
         assert sa["id"].tolist() == sb["id"].tolist() != sc["id"].tolist()
@@ -220,13 +221,13 @@ def stub_scorer_lengths(pairs):
 # ---- a real (tiny) model -------------------------------------------------------------------
 
 def test_evaluate_pairs_on_the_tiny_model(tokenizer, tiny_backbone):
-    from rmlib.models import ModelSpec, build_reward_model
-    from rmlib.scoring import score_pairs
-    from rmlib.encoding import encode_pairs
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
+    from rmlib.model.scoring import score_pairs
+    from rmlib.model.encoding import encode_pairs
 
     model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
-    pairs = E.subsample_pairs(load_hhh_alignment().dataset, 12, seed=0)
-    scores, table = E.evaluate_pairs(model, tokenizer, pairs, "hhh", max_length=64, batch_size=4, bf16=False,
+    pairs = benchmarks.subsample_pairs(load_hhh_alignment().dataset, 12, seed=0)
+    scores, table = benchmarks.evaluate_pairs(model, tokenizer, pairs, "hhh", max_length=64, batch_size=4, bf16=False,
                                      n_boot=100, progress=False)
     assert len(scores) == 12 and np.isfinite(scores[["reward_chosen", "reward_rejected"]].to_numpy()).all()
     assert table["benchmark"].eq("hhh").all() and table["category"].iloc[-1] == "overall"
@@ -238,7 +239,7 @@ def test_evaluate_pairs_on_the_tiny_model(tokenizer, tiny_backbone):
 
 
 def test_identical_after_truncation_counts_as_wrong(tokenizer, tiny_backbone):
-    from rmlib.models import ModelSpec, build_reward_model
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
 
     model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
     long_same = "word " * 200
@@ -247,7 +248,7 @@ def test_identical_after_truncation_counts_as_wrong(tokenizer, tiny_backbone):
         pair_row(id="b", prompt=[{"role": "user", "content": "q"}], chosen=long_same + "A", rejected=long_same + "B",
                  source="t"),
     ])
-    scores, table = E.evaluate_pairs(model, tokenizer, pairs, "t", max_length=48, bf16=False, n_boot=0,
+    scores, table = benchmarks.evaluate_pairs(model, tokenizer, pairs, "t", max_length=48, bf16=False, n_boot=0,
                                      progress=False)
     assert scores["id"].tolist() == ["a", "b"] and np.isnan(scores.loc[1, "reward_chosen"])
     assert not scores.loc[1, "correct"] and table["n"].iloc[-1] == 2

@@ -12,15 +12,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rmlib import fastpath
-from rmlib.encoding import PairCollator, encode_pairs
-from rmlib.fastpath import (
-    BottomStore, CachedPairCollator, bottom_forward, check_frozen_below, forward_cached, frozen_prefix, pair_groups,
-    store_for, top_forward,
-)
-from rmlib.scoring import score_pairs, score_replies
-from rmlib.losses import LossSpec, compute_loss
-from rmlib.models import ModelSpec, build_reward_model
+from rmlib.model import bottom_store, layers
+from rmlib.model.encoding import PairCollator, encode_pairs
+from rmlib.model.bottom_store import BottomStore, CachedPairCollator, forward_cached, pair_groups, store_for
+from rmlib.model.layers import bottom_forward, check_frozen_below, frozen_prefix, top_forward
+from rmlib.model.scoring import score_pairs, score_replies
+from rmlib.reward.losses import LossSpec, compute_loss
+from rmlib.model.reward_model import ModelSpec, build_reward_model
 
 from conftest import make_tiny_lm
 
@@ -86,7 +84,7 @@ class TestTopForward:
                                num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                layer_types=["sliding_attention", "full_attention"])
         decoder = Gemma3TextModel(cfg)
-        assert not fastpath.supported(decoder)
+        assert not layers.supported(decoder)
         with pytest.raises(NotImplementedError, match="sliding-window"):
             top_forward(decoder, torch.zeros(1, 3, 16), torch.ones(1, 3, dtype=torch.long), 1)
 
@@ -130,7 +128,7 @@ class TestCachedPath:
         final = {}
         for cached in (False, True):
             model = _topk_model(tokenizer)
-            assert fastpath.supported(model)
+            assert layers.supported(model)
             collate = (CachedPairCollator(_store(model, tmp_path, encoded=encoded), tokenizer.pad_token_id) if cached
                        else PairCollator(tokenizer.pad_token_id))
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -275,8 +273,8 @@ class TestStore:
 
     def test_a_loaded_model_scores_through_the_same_store(self, tokenizer, encoded, tmp_path, monkeypatch):
         monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
-        from rmlib.models import load_reward_model, save_reward_model
-        from rmlib.scoring import score_pairs
+        from rmlib.model.reward_model import load_reward_model, save_reward_model
+        from rmlib.model.scoring import score_pairs
 
         model = _topk_model(tokenizer)
         store = store_for(model, bf16_autocast=False)
@@ -293,7 +291,7 @@ class TestStore:
 
     def test_a_killed_build_keeps_finished_shards(self, tokenizer, encoded, tmp_path, monkeypatch):
         model = _topk_model(tokenizer)
-        real, calls = fastpath.run_layers, []
+        real, calls = layers.run_layers, []
 
         def dies_on_third_batch(*args, **kwargs):
             calls.append(1)
@@ -301,13 +299,13 @@ class TestStore:
                 raise KeyboardInterrupt("killed mid-build")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fastpath, "run_layers", dies_on_third_batch)
+        monkeypatch.setattr(bottom_store, "run_layers", dies_on_third_batch)
         store = BottomStore.for_model(model, root=tmp_path / "s", dtype=torch.float32, bf16_autocast=False)
         groups = pair_groups(encoded)
         with pytest.raises(KeyboardInterrupt):
             store.ensure(groups, batch_tokens=1, shard_rows=1, progress=False)  # one reply per batch and shard
         assert len(store.shards) == 2 and not list((tmp_path / "s").glob(".shard-*"))
-        monkeypatch.setattr(fastpath, "run_layers", real)
+        monkeypatch.setattr(bottom_store, "run_layers", real)
         assert store.ensure(groups, progress=False) == 6  # the 8 replies but the two committed
         ref = BottomStore.for_model(model, root=tmp_path / "ref", dtype=torch.float32, bf16_autocast=False)
         ref.ensure(groups, progress=False)

@@ -1,4 +1,4 @@
-"""rmlib.gold: the data split (disjoint prompts), relabeling by the gold, the proxy grid, the
+"""rmlib.analysis.synthetic_gold: the data split (disjoint prompts), relabeling by the gold, the proxy grid, the
 curves/summary/text built on the exact BoN estimator, and the reuse of saved reward models."""
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rmlib import bon, gold
+from rmlib.analysis import bon
+from rmlib.model import score_cache
+from rmlib.analysis import synthetic_gold
+from rmlib import plots
 from rmlib.data import RESPONSE_FEATURES, load_alpaca_eval_responses, load_hh_rlhf, load_mt_bench_questions
 from rmlib.data.schema import pair_row, to_dataset
-from rmlib.models import RewardModel, save_reward_model
+from rmlib.model.reward_model import RewardModel, save_reward_model
 
 from conftest import make_tiny_lm
 
@@ -50,13 +53,13 @@ SPLIT_KW = dict(n_bon_prompts=5, n_gold_alpaca=30, n_gold_hh=8, n_proxy_alpaca=1
 
 
 def keys_of(ds):
-    return {gold.prompt_key(p) for p in ds["prompt"]}
+    return {synthetic_gold.prompt_key(p) for p in ds["prompt"]}
 
 
 class TestSplit:
     def test_three_prompt_sets_are_disjoint_and_sized(self):
-        split = gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
-        bon_keys = {gold.prompt_key(m) for m in split.bon_prompts["messages"]}
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
+        bon_keys = {synthetic_gold.prompt_key(m) for m in split.bon_prompts["messages"]}
         gold_keys, proxy_keys = keys_of(split.gold_train), keys_of(split.proxy_pool)
         assert not (bon_keys & gold_keys) and not (bon_keys & proxy_keys) and not (gold_keys & proxy_keys)
         assert split.prompts == {"bon": bon_keys, "gold": gold_keys, "proxy": proxy_keys}
@@ -71,14 +74,14 @@ class TestSplit:
         assert sizes.set_index(["part", "source"]).loc[("bon_eval", "alpaca_eval"), "prompts"] == 5
 
     def test_alpaca_pairs_are_win_over_loss_without_excluded_generators(self):
-        split = gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
         alp = split.gold_train.filter(lambda r: r["source"] == "alpaca_eval")
         assert set(alp["chosen_generator"]) <= {"g0", "g1"} and set(alp["rejected_generator"]) <= {"g2", "g3"}
         per_prompt = pd.Series([p[0]["content"] for p in alp["prompt"]]).value_counts()
         assert per_prompt.max() <= 2  # max_pairs_per_prompt
 
     def test_prompt_frac_splits_prompts_not_pairs(self):
-        split = gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "n_gold_alpaca": 0,
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "n_gold_alpaca": 0,
                                                                      "n_proxy_alpaca": 0, "n_gold_hh": 10,
                                                                      "n_proxy_hh": 5})
         # every HH pair of a prompt with two pairs is on one side only
@@ -87,9 +90,9 @@ class TestSplit:
         assert not gold_ids & proxy_ids
 
     def test_seed_fixes_everything(self):
-        a = gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
-        b = gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
-        c = gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "seed": 1})
+        a = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
+        b = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
+        c = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "seed": 1})
         assert list(a.gold_train["id"]) == list(b.gold_train["id"])
         assert list(a.proxy_pool["id"]) == list(b.proxy_pool["id"])
         assert list(a.gold_train["id"]) != list(c.gold_train["id"])
@@ -97,20 +100,20 @@ class TestSplit:
         assert list(a.bon_prompts["prompt_id"]) != list(c.bon_prompts["prompt_id"])
 
     def test_hh_and_mt_bench_as_bon_source(self):
-        split = gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "bon_source": "hh"})
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "bon_source": "hh"})
         assert (split.bon_prompts["source"] == "hh-rlhf").all() and len(split.bon_prompts) == 5
         assert len(split.bon_prompts["messages"].iloc[0]) == 3  # the whole conversation before the reply
         assert not split.prompts["bon"] & (split.prompts["gold"] | split.prompts["proxy"])
         mt = load_mt_bench_questions().dataset
-        split = gold.make_gold_split(fake_responses(), fake_hh(), mt, **{**SPLIT_KW, "bon_source": "mt_bench"})
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), mt, **{**SPLIT_KW, "bon_source": "mt_bench"})
         assert split.bon_prompts["prompt_id"].str.startswith("mt_bench:").all()
         assert split.bon_prompts["messages"].map(len).eq(1).all()
 
     def test_prompt_sets_are_saved_for_later_notebooks(self, tmp_path):
-        from rmlib.rloo import exclusion_texts
+        from rmlib.rloo.prompts import exclusion_texts
 
-        split = gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
-        files = gold.save_prompt_sets(split, tmp_path)
+        split = synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **SPLIT_KW)
+        files = synthetic_gold.save_prompt_sets(split, tmp_path)
         train = json.loads(files["rm_training_prompts"].read_text())
         assert set(train) == split.prompts["gold"] | split.prompts["proxy"] and train == sorted(train)
         assert set(json.loads(files["bon_prompts"].read_text())) == split.prompts["bon"]
@@ -128,17 +131,17 @@ class TestSplit:
     ])
     def test_bad_parameters_are_named(self, bad, name):
         with pytest.raises(ValueError, match=name):
-            gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, **bad})
+            synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, **bad})
 
     def test_missing_sources_are_named(self):
         with pytest.raises(ValueError, match="hh_pairs"):
-            gold.make_gold_split(fake_responses(), None, **SPLIT_KW)
+            synthetic_gold.make_gold_split(fake_responses(), None, **SPLIT_KW)
         with pytest.raises(ValueError, match="mt_bench_questions"):
-            gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "bon_source": "mt_bench"})
+            synthetic_gold.make_gold_split(fake_responses(), fake_hh(), **{**SPLIT_KW, "bon_source": "mt_bench"})
 
     def test_on_the_real_data(self):
         responses = load_alpaca_eval_responses().dataset
-        split = gold.make_gold_split(responses, load_hh_rlhf().dataset, n_bon_prompts=40, n_gold_alpaca=600,
+        split = synthetic_gold.make_gold_split(responses, load_hh_rlhf().dataset, n_bon_prompts=40, n_gold_alpaca=600,
                                      n_gold_hh=200, n_proxy_alpaca=160, n_proxy_hh=80, seed=0)
         assert len(split.gold_train) == 800 and len(split.proxy_pool) == 240 and len(split.bon_prompts) == 40
         for a, b in [("bon", "gold"), ("bon", "proxy"), ("gold", "proxy")]:
@@ -150,16 +153,16 @@ class TestSplit:
 
 
 def test_check_disjoint_names_the_sets():
-    gold.check_disjoint({"a": {"x", "y"}, "b": {"z"}, "c": set()})
+    synthetic_gold.check_disjoint({"a": {"x", "y"}, "b": {"z"}, "c": set()})
     with pytest.raises(ValueError, match="'a' and 'c'.*1 prompt"):
-        gold.check_disjoint({"a": {"x", "y"}, "b": {"z"}, "c": {"y"}})
+        synthetic_gold.check_disjoint({"a": {"x", "y"}, "b": {"z"}, "c": {"y"}})
 
 
 def test_prompt_key_ignores_surrounding_whitespace_only():
-    a = gold.prompt_key([{"role": "user", "content": " Hi there \n"}])
-    assert a == gold.prompt_key([{"role": "user", "content": "Hi there"}])
-    assert a != gold.prompt_key([{"role": "assistant", "content": "Hi there"}])
-    assert a != gold.prompt_key([{"role": "user", "content": "Hi  there"}])
+    a = synthetic_gold.prompt_key([{"role": "user", "content": " Hi there \n"}])
+    assert a == synthetic_gold.prompt_key([{"role": "user", "content": "Hi there"}])
+    assert a != synthetic_gold.prompt_key([{"role": "assistant", "content": "Hi there"}])
+    assert a != synthetic_gold.prompt_key([{"role": "user", "content": "Hi  there"}])
 
 
 # -- relabeling ------------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ class TestRelabel:
         ds = pool()
         c = [2.0, 0.1, 0.5, 1.0, np.nan, -3.0]
         r = [1.0, 0.9, 0.5, 3.0, 0.0, -2.5]
-        out = gold.relabel_pairs(ds, c, r)
+        out = synthetic_gold.relabel_pairs(ds, c, r)
         kept = {row["id"]: row for row in out.pairs.to_list()}
         assert set(kept) == {"p0", "p1", "p3", "p5"}
         assert kept["p0"]["chosen"] == "c0" and kept["p0"]["chosen_generator"] == "gc0"  # gold agrees
@@ -193,14 +196,14 @@ class TestRelabel:
         assert rep["kept"] + rep["dropped_ties"] + rep["dropped_unscored"] == rep["pairs_in"]
 
     def test_tie_tolerance(self):
-        out = gold.relabel_pairs(pool(3), [1.0, 1.0, 1.0], [1.04, 0.5, 0.96], tie_tol=0.05)
+        out = synthetic_gold.relabel_pairs(pool(3), [1.0, 1.0, 1.0], [1.04, 0.5, 0.96], tie_tol=0.05)
         assert out.dropped == {"tie": ["p0", "p2"]} and list(out.pairs["id"]) == ["p1"]
 
     def test_bad_inputs(self):
         with pytest.raises(ValueError, match="one gold score per pair"):
-            gold.relabel_pairs(pool(3), [1.0, 2.0], [0.0, 0.0, 0.0])
+            synthetic_gold.relabel_pairs(pool(3), [1.0, 2.0], [0.0, 0.0, 0.0])
         with pytest.raises(ValueError, match="tie_tol"):
-            gold.relabel_pairs(pool(2), [1.0, 2.0], [0.0, 0.0], tie_tol=-1)
+            synthetic_gold.relabel_pairs(pool(2), [1.0, 2.0], [0.0, 0.0], tie_tol=-1)
 
 
 # -- configs and names ------------------------------------------------------------------------------
@@ -210,12 +213,12 @@ COMMON = dict(backbone="smollm2-135m-instruct", mode="topk", top_k_layers=2, lea
 
 class TestConfigs:
     def test_grid(self, tmp_path):
-        cfgs = gold.proxy_configs(tmp_path, ["bt", "bsr", "grm", "bsr_grm"], [0, 3], grm_alpha=0.02,
+        cfgs = synthetic_gold.proxy_configs(tmp_path, ["bt", "bsr", "grm", "bsr_grm"], [0, 3], grm_alpha=0.02,
                                   grm_beta=0.2, head="linear", **COMMON)
         assert list(cfgs) == [f"bon_proxy_{v}_s{s}" for v in ("bt", "bsr", "grm", "bsr_grm") for s in (0, 3)]
         want = {"bt": ("bt", "none"), "bsr": ("bsr", "none"), "grm": ("bt", "sft"), "bsr_grm": ("bsr", "sft")}
         for name, cfg in cfgs.items():
-            variant, seed = gold.parse_proxy_name(name)
+            variant, seed = synthetic_gold.parse_proxy_name(name)
             assert (cfg.loss, cfg.regularizer) == want[variant] and cfg.seed == seed
             assert cfg.loss_params == ({"lam": pytest.approx(4e-3)} if cfg.loss == "bsr" else {})  # 1e-3 x batch 4
             assert cfg.alpha == 0.02 and cfg.beta == 0.2 and cfg.head == "linear"
@@ -233,32 +236,32 @@ class TestConfigs:
     def test_bad_grid_parameters(self, tmp_path, kw, name):
         args = {"variants": ["bt"], "seeds": [0], **kw}
         with pytest.raises(ValueError, match=name):
-            gold.proxy_configs(tmp_path, args.pop("variants"), args.pop("seeds"), **args, **COMMON)
+            synthetic_gold.proxy_configs(tmp_path, args.pop("variants"), args.pop("seeds"), **args, **COMMON)
 
     def test_gold_config(self, tmp_path):
-        cfg = gold.gold_config(tmp_path, num_train_epochs=2.0, **{k: v for k, v in COMMON.items()
+        cfg = synthetic_gold.gold_config(tmp_path, num_train_epochs=2.0, **{k: v for k, v in COMMON.items()
                                                                    if k != "num_train_epochs"})
         assert cfg.output_dir == str(tmp_path / "models" / "bon_gold") and cfg.loss == "bt"
         assert cfg.regularizer == "none" and cfg.num_train_epochs == 2.0 and cfg.top_k_layers == 2
         with pytest.raises(ValueError, match="loss"):
-            gold.gold_config(tmp_path, loss="bsr")
+            synthetic_gold.gold_config(tmp_path, loss="bsr")
 
     def test_gold_seed_differs_from_proxy_seeds(self):
-        assert gold.check_gold_seed(100, [0, 1]) == 100
+        assert synthetic_gold.check_gold_seed(100, [0, 1]) == 100
         with pytest.raises(ValueError, match="gold_seed=1 is also a proxy seed"):
-            gold.check_gold_seed(1, [0, 1])
+            synthetic_gold.check_gold_seed(1, [0, 1])
         with pytest.raises(ValueError, match="gold_seed must"):
-            gold.check_gold_seed(-1, [0])
+            synthetic_gold.check_gold_seed(-1, [0])
 
     def test_names(self, tmp_path):
-        assert gold.proxy_name("bsr_grm", 2) == "bon_proxy_bsr_grm_s2"
-        assert gold.parse_proxy_name("bon_proxy_bsr_grm_s2") == ("bsr_grm", 2)
+        assert synthetic_gold.proxy_name("bsr_grm", 2) == "bon_proxy_bsr_grm_s2"
+        assert synthetic_gold.parse_proxy_name("bon_proxy_bsr_grm_s2") == ("bsr_grm", 2)
         for bad in ("bon_gold", "bon_proxy_ppo_s0", "bon_proxy_bt", "bon_proxy_bt_sx"):
             with pytest.raises(ValueError, match="proxy run name"):
-                gold.parse_proxy_name(bad)
+                synthetic_gold.parse_proxy_name(bad)
         with pytest.raises(ValueError, match="variant"):
-            gold.proxy_name("ppo", 0)
-        dirs = gold.final_dirs(tmp_path, ["bt", "grm"], [0, 1])
+            synthetic_gold.proxy_name("ppo", 0)
+        dirs = synthetic_gold.final_dirs(tmp_path, ["bt", "grm"], [0, 1])
         assert list(dirs) == ["bon_gold", "bon_proxy_bt_s0", "bon_proxy_bt_s1", "bon_proxy_grm_s0", "bon_proxy_grm_s1"]
         assert dirs["bon_gold"] == tmp_path / "models" / "bon_gold" / "final"
 
@@ -269,10 +272,10 @@ class TestConfigs:
             final.mkdir(parents=True)
             if done:
                 (final / "rmlib_reward.json").write_text("{}")
-        found = gold.trained_models(tmp_path)
+        found = synthetic_gold.trained_models(tmp_path)
         assert list(found) == ["bon_gold", "bon_proxy_bt_s0"]
         assert found["bon_gold"] == tmp_path / "models" / "bon_gold" / "final"
-        assert gold.trained_models(tmp_path / "nothing") == {}
+        assert synthetic_gold.trained_models(tmp_path / "nothing") == {}
 
 
 # -- curves, summary and the computed text -----------------------------------------------------------
@@ -302,8 +305,8 @@ PROXIES = ["bon_proxy_bt_s0", "bon_proxy_bt_s1", "bon_proxy_bsr_s0", "bon_proxy_
 class TestCurves:
     def test_curves_are_the_exact_estimator_per_proxy(self):
         scores = synthetic_scores()
-        curves = gold.bon_curves(scores, PROXIES, policy="pol")
-        assert list(curves.columns) == gold.CURVES_COLUMNS
+        curves = bon.bon_curves(scores, PROXIES, policy="pol")
+        assert list(curves.columns) == bon.CURVES_COLUMNS
         assert set(curves["variant"]) == {"bt", "bsr", "oracle"} and (curves["policy"] == "pol").all()
         one = curves[curves["rm"] == "bon_proxy_bsr_s1"].reset_index(drop=True)
         ref = bon.bon_curve(scores, proxy_col="bon_proxy_bsr_s1", gold_col="bon_gold")
@@ -315,8 +318,8 @@ class TestCurves:
             assert (curves[curves["rm"] == rm]["gold"].to_numpy() <= oracle["gold"].to_numpy() + 1e-12).all()
 
     def test_variant_curves_average_seeds(self):
-        curves = gold.bon_curves(synthetic_scores(), PROXIES)
-        mean = gold.variant_curves(curves)
+        curves = bon.bon_curves(synthetic_scores(), PROXIES)
+        mean = bon.variant_curves(curves)
         bt = curves[curves["variant"] == "bt"]
         want = bt.groupby("n")["gold_norm"].agg(["mean", "std"])
         got = mean[mean["variant"] == "bt"].set_index("n")
@@ -326,7 +329,7 @@ class TestCurves:
 
     def test_paired_difference_by_hand(self):
         scores = synthetic_scores(n_prompts=5)
-        diff = gold.paired_gold_difference(scores, PROXIES, n=8).set_index("variant")
+        diff = bon.paired_gold_difference(scores, PROXIES, n=8).set_index("variant")
         by_hand = []
         for pid, g in scores.groupby("prompt_id"):
             bsr = np.mean([bon.bon_expectation(g[f"bon_proxy_bsr_s{s}"], g["bon_gold"], 8)[1] for s in (0, 1)])
@@ -336,41 +339,41 @@ class TestCurves:
         assert diff.loc["bsr", "sem"] == pytest.approx(np.std(by_hand, ddof=1) / math.sqrt(5), abs=1e-12)
         assert diff.loc["bt", "gold_minus_baseline"] == 0.0
         with pytest.raises(ValueError, match="baseline"):
-            gold.paired_gold_difference(scores, PROXIES[2:])
+            bon.paired_gold_difference(scores, PROXIES[2:])
 
     def test_summary_and_text_follow_the_numbers(self):
         scores = synthetic_scores()
-        curves = gold.bon_curves(scores, PROXIES, policy="pol")
-        table = gold.summary_table(curves, scores).set_index("variant")
-        assert list(gold.summary_table(curves, scores).columns) == gold.SUMMARY_COLUMNS
+        curves = bon.bon_curves(scores, PROXIES, policy="pol")
+        table = bon.summary_table(curves, scores).set_index("variant")
+        assert list(bon.summary_table(curves, scores).columns) == bon.SUMMARY_COLUMNS
         bt, bsr = table.loc["bt"], table.loc["bsr"]
         assert bt["gold_bends_down"] and bt["n_gold_peak"] < bt["n_final"] == 16 and bt["seeds_bending"] == 2
         assert bt["proxy_norm_final"] > 0 and not bsr["gold_bends_down"]
         assert bsr["gold_minus_bt"] > 1.96 * bsr["gold_minus_bt_sem"] > 0
         assert bsr["tau_proxy_gold"] > bt["tau_proxy_gold"]
-        text = gold.describe(gold.summary_table(curves, scores))
+        text = bon.describe(bon.summary_table(curves, scores))
         assert "BT's gold curve BENDS DOWN" in text and f"peak at n = {int(bt['n_gold_peak'])}" in text
-        assert f"{gold.VARIANT_LABELS['bsr']}: gold" in text and "holds up BETTER than BT" in text
+        assert f"{synthetic_gold.VARIANT_LABELS['bsr']}: gold" in text and "holds up BETTER than BT" in text
         # the other way round: a harmless BT and a hacked "BSR" flip every statement
         swapped = scores.rename(columns={p: p.replace("bt", "tmp") for p in PROXIES}).rename(
             columns=lambda c: c.replace("bsr", "bt")).rename(columns=lambda c: c.replace("tmp", "bsr"))
-        text2 = gold.describe(gold.summary_table(gold.bon_curves(swapped, PROXIES, policy="pol"), swapped))
+        text2 = bon.describe(bon.summary_table(bon.bon_curves(swapped, PROXIES, policy="pol"), swapped))
         assert "does NOT bend down" in text2 and "does WORSE than BT" in text2
 
     def test_a_proxy_ranking_against_the_gold_falls_from_the_start(self):
         scores = synthetic_scores()
         for s in (0, 1):  # "bt" proxies now rank the samples exactly against the gold
             scores[f"bon_proxy_bt_s{s}"] = -scores["bon_gold"]
-        table = gold.summary_table(gold.bon_curves(scores, PROXIES, policy="pol"), scores)
+        table = bon.summary_table(bon.bon_curves(scores, PROXIES, policy="pol"), scores)
         bt = table.set_index("variant").loc["bt"]
         assert bt["gold_bends_down"] and bt["n_gold_peak"] == 1 and bt["tau_proxy_gold"] == pytest.approx(-1)
-        text = gold.describe(table)
+        text = bon.describe(table)
         assert "BT's gold curve FALLS FROM THE START" in text and "BENDS DOWN" not in text
 
     def test_summary_without_seeds_variation_and_scores(self):
         scores = synthetic_scores()
-        curves = gold.bon_curves(scores, ["bon_proxy_bsr_s0"], include_oracle=False)
-        table = gold.summary_table(curves)
+        curves = bon.bon_curves(scores, ["bon_proxy_bsr_s0"], include_oracle=False)
+        table = bon.summary_table(curves)
         assert len(table) == 1 and math.isnan(table["gold_norm_final_sd"].iloc[0])
         assert math.isnan(table["tau_proxy_gold"].iloc[0]) and table["n_seeds"].iloc[0] == 1
 
@@ -378,19 +381,19 @@ class TestCurves:
         import matplotlib
 
         matplotlib.use("Agg")
-        curves = gold.bon_curves(synthetic_scores(n_prompts=4), PROXIES, policy="pol")
-        fig = gold.plot_bon_curves(curves, policy="pol")
+        curves = bon.bon_curves(synthetic_scores(n_prompts=4), PROXIES, policy="pol")
+        fig = plots.plot_bon_curves(curves, policy="pol")
         axes = fig.axes
         assert len(axes) == 3  # bt, bsr, all-gold overlay
         styles = {line.get_label(): line.get_linestyle() for line in axes[0].get_lines()}
         assert styles["proxy"] == "--" and styles["gold"] == "-"
         assert "oracle (gold picks)" in [t.get_text() for t in axes[-1].get_legend().get_texts()]
         with pytest.raises(ValueError, match="no curves"):
-            gold.plot_bon_curves(curves, policy="other")
+            plots.plot_bon_curves(curves, policy="other")
 
 
 def test_save_meta_writes_plain_json(tmp_path):
-    path = gold.save_meta(tmp_path / "m.json", sizes=pd.DataFrame({"a": [1, 2]}), n=np.int64(3),
+    path = synthetic_gold.save_meta(tmp_path / "m.json", sizes=pd.DataFrame({"a": [1, 2]}), n=np.int64(3),
                           where=tmp_path, nested={"x": (np.float32(0.5),)})
     assert json.loads(path.read_text()) == {"sizes": [{"a": 1}, {"a": 2}], "n": 3, "where": str(tmp_path),
                                             "nested": {"x": [0.5]}}
@@ -422,53 +425,53 @@ def small_pairs(n=6):
 
 
 def test_score_pairs_cached_reuses_only_the_same_model(saved_rms, tmp_path, monkeypatch):
-    from rmlib import eval as rm_eval
+    from rmlib.analysis import benchmarks
 
     calls = []
-    original = rm_eval.model_pair_scorer
-    monkeypatch.setattr(rm_eval, "model_pair_scorer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = benchmarks.model_pair_scorer
+    monkeypatch.setattr(synthetic_gold, "model_pair_scorer", lambda *a, **k: calls.append(1) or original(*a, **k))
     pairs, path = small_pairs(), tmp_path / "gold_pool.csv"
     kw = dict(max_length=64, batch_size=4, bf16=False, progress=False)
-    first = gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
-    again = gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
+    first = synthetic_gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
+    again = synthetic_gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
     assert len(calls) == 1 and np.allclose(first["chosen"], again["chosen"])
     assert first["chosen"].notna().all() and (first["chosen"] != first["rejected"]).all()
-    other = gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **kw)  # another model: recomputed
+    other = synthetic_gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **kw)  # another model: recomputed
     assert len(calls) == 2 and not np.allclose(other["chosen"], first["chosen"])
-    gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **{**kw, "max_length": 48})
+    synthetic_gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **{**kw, "max_length": 48})
     assert len(calls) == 3
 
 
 def test_score_with_all_matches_each_model_alone(saved_rms, tokenizer, tmp_path):
-    from rmlib.models import load_reward_model
+    from rmlib.model.reward_model import load_reward_model
 
     samples = pd.DataFrame({"prompt_id": ["a", "a", "b"], "sample_index": [0, 1, 0],
                             "messages": [[{"role": "user", "content": "Hi?"}]] * 2 + [[{"role": "user",
                                                                                           "content": "Why?"}]],
                             "response": ["Hello there.", "Go away.", "Because of physics."]})
-    scores = gold.score_with_all(saved_rms, samples, tmp_path / "scores.jsonl", bf16=False, progress=False)
+    scores = synthetic_gold.score_with_all(saved_rms, samples, tmp_path / "scores.jsonl", bf16=False, progress=False)
     assert list(scores.columns) == ["prompt_id", "sample_index", *saved_rms]
     for name, path in saved_rms.items():
-        alone = bon.score_samples(load_reward_model(path), tokenizer, samples, bf16=False, progress=False)
+        alone = score_cache.score_samples(load_reward_model(path), tokenizer, samples, bf16=False, progress=False)
         np.testing.assert_allclose(scores[name], alone, atol=1e-5)
     cached = [json.loads(line)["rm"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert {k.split("@")[0] for k in cached} == set(saved_rms) and all("@" in k for k in cached)
     with pytest.raises(FileNotFoundError, match="bon_nothing"):
-        gold.score_with_all({"bon_nothing": tmp_path / "nope"}, samples, tmp_path / "s.jsonl")
+        synthetic_gold.score_with_all({"bon_nothing": tmp_path / "nope"}, samples, tmp_path / "s.jsonl")
 
 
 def test_train_grid_trains_then_reuses(tiny_backbone, tmp_path):
     rows = [pair_row(id=f"t{i}", prompt=[{"role": "user", "content": f"Question {i}?"}],
                      chosen="A careful helpful answer.", rejected="No.", source="alpaca_eval") for i in range(8)]
     pairs = to_dataset(rows)
-    cfgs = gold.proxy_configs(tmp_path, ["bt", "grm"], [0], backbone=tiny_backbone, mode="topk", top_k_layers=1,
+    cfgs = synthetic_gold.proxy_configs(tmp_path, ["bt", "grm"], [0], backbone=tiny_backbone, mode="topk", top_k_layers=1,
                               max_steps=2, per_device_train_batch_size=2, bf16=False, disable_tqdm=True,
                               logging_steps=1, learning_rate=1e-3)
-    first = gold.train_grid(cfgs, pairs)
+    first = synthetic_gold.train_grid(cfgs, pairs)
     assert list(first["name"]) == ["bon_proxy_bt_s0", "bon_proxy_grm_s0"]
     assert list(first["variant"]) == ["bt", "grm"] and (first["steps"] == 2).all()
-    assert set(gold.trained_models(tmp_path)) == {"bon_proxy_bt_s0", "bon_proxy_grm_s0"}
+    assert set(synthetic_gold.trained_models(tmp_path)) == {"bon_proxy_bt_s0", "bon_proxy_grm_s0"}
     meta = json.loads((tmp_path / "models" / "bon_proxy_grm_s0" / "metrics.json").read_text())
     assert meta["config"]["regularizer"] == "sft" and meta["config"]["seed"] == 0
-    second = gold.train_grid(cfgs, pairs)  # reused: same metrics, nothing retrained
+    second = synthetic_gold.train_grid(cfgs, pairs)  # reused: same metrics, nothing retrained
     assert second["train_seconds"].tolist() == first["train_seconds"].tolist()

@@ -1,4 +1,4 @@
-"""rmlib.losses: every loss and regularizer against hand computations on small explicit numbers.
+"""rmlib.reward.losses: every loss and regularizer against hand computations on small explicit numbers.
 
 Expected values use math.log / math.exp (log sigmoid(x) = -log(1 + e^-x)), never the function under
 test; gradients come from autograd and are compared with hand-derived formulas.
@@ -13,18 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rmlib import losses
-from rmlib.losses import (
-    NEEDS_LOGP,
-    NEEDS_REFERENCE,
-    NEEDS_REJECTED_LOGP,
-    REGULARIZERS,
-    REWARD_LOSS_PARAMS,
-    REWARD_LOSSES,
-    LossSpec,
-    assert_finite_loss,
-    compute_loss,
-)
+from rmlib.reward import losses
+from rmlib.reward.losses import NEEDS_LOGP, NEEDS_REFERENCE, NEEDS_REJECTED_LOGP, REGULARIZERS, REWARD_LOSS_PARAMS, REWARD_LOSSES, LossSpec, assert_finite_loss, compute_loss
 
 
 def logsig(x: float) -> float:

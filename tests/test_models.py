@@ -6,11 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rmlib.encoding import format_prompt, format_reply, pad_sequences
-from rmlib.models import (
-    ModelSpec, build_reward_model, last_token_index, load_reward_model, response_logps,
-    save_reward_model,
-)
+from rmlib.model.encoding import format_prompt, format_reply, pad_sequences
+from rmlib.model.reward_model import ModelSpec, build_reward_model, last_token_index, load_reward_model, save_reward_model
+from rmlib.model.logprobs import response_logps
 
 
 def _pair_batch(tokenizer, replies, prompt=None):
@@ -79,7 +77,7 @@ class TestModes:
             ModelSpec(head="deep")
 
     def test_linear_head_init_variance(self):
-        from rmlib.models import make_head
+        from rmlib.model.reward_model import make_head
 
         torch.manual_seed(0)
         w = torch.cat([make_head("linear", 575).weight.flatten() for _ in range(50)])

@@ -1,4 +1,4 @@
-"""rmlib.norms: dispersion statistics against hand-built matrices with known answers, the reward
+"""rmlib.analysis.dispersion: dispersion statistics against hand-built matrices with known answers, the reward
 decomposition on a real linear head, hidden-state extraction on the tiny model, and the training
 callback (records at the right steps, identical after a resume)."""
 
@@ -15,15 +15,11 @@ import torch
 from datasets import Dataset
 from numpy.testing import assert_allclose
 
-from rmlib.encoding import encode_pairs
-from rmlib.models import ModelSpec, build_reward_model, make_head
-from rmlib.norms import (
-    RECORDS_FILE, HiddenStates, NormProbeCallback, check_decomposition, dispersion_findings, dispersion_statistics,
-    erank_shift_table, hidden_norm_frame,
-    dispersion_summary, distance_frame, effective_rank, extract_hidden, head_cosines, norm_stats,
-    pair_distance_stats, read_records, records_frame, reward_decomposition, skewness, write_records,
-)
-from rmlib.train import RMConfig, train_reward_model
+from rmlib.model.encoding import encode_pairs
+from rmlib.model.reward_model import ModelSpec, build_reward_model, make_head
+from rmlib.analysis.dispersion import RECORDS_FILE, HiddenStates, NormProbeCallback, check_decomposition, dispersion_findings, dispersion_statistics, erank_shift_table, hidden_norm_frame, dispersion_summary, distance_frame, effective_rank, extract_hidden, head_cosines, norm_stats, pair_distance_stats, read_records, records_frame, reward_decomposition, skewness, write_records
+from rmlib.reward.config import RMConfig
+from rmlib.reward.trainer import train_reward_model
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,9 +1,9 @@
-"""bf16 "auto": bf16 autocast only where bf16 matmuls are native (rmlib.precision)."""
+"""bf16 "auto": bf16 autocast only where bf16 matmuls are native (rmlib.core.precision)."""
 
 import pytest
 import torch
 
-from rmlib import precision
+from rmlib.core import precision
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_bad_value_is_named():
 
 
 def test_configs_record_the_resolved_precision(monkeypatch, tmp_path):
-    from rmlib.train import RMConfig
+    from rmlib.reward.config import RMConfig
 
     monkeypatch.setenv("RMLIB_BF16", "0")
     cfg = RMConfig(output_dir=str(tmp_path), backbone="smollm2-135m-instruct", use_cpu=True)
@@ -56,7 +56,7 @@ def test_configs_record_the_resolved_precision(monkeypatch, tmp_path):
 
 
 def test_rloo_policy_dtype_auto(monkeypatch):
-    from rmlib.rloo import RLOORunConfig
+    from rmlib.rloo.config import RLOORunConfig
 
     monkeypatch.setenv("RMLIB_BF16", "1")
     assert RLOORunConfig(policy_dtype="auto", mode="lora", use_cpu=True).policy_dtype == "bfloat16"
@@ -67,7 +67,7 @@ def test_rloo_policy_dtype_auto(monkeypatch):
 
 
 def test_autocast_auto_is_off_where_bf16_is_slow(monkeypatch):
-    from rmlib.scoring import autocast
+    from rmlib.core.precision import autocast
 
     monkeypatch.setenv("RMLIB_BF16", "0")
     x = torch.ones(2, 2)
@@ -78,7 +78,7 @@ def test_autocast_auto_is_off_where_bf16_is_slow(monkeypatch):
 
 
 def test_cli_bf16_takes_auto(monkeypatch):
-    from rmlib.cli_train import parser
+    from rmlib.reward.cli import parser
 
     monkeypatch.setenv("RMLIB_BF16", "1")
     base = ["--backbone", "smollm2-135m-instruct", "--output_dir", "/tmp/rmlib-cli-test", "--source", "a.jsonl"]

@@ -25,9 +25,11 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rmlib import reproduce
-from rmlib.results import save_figure_atomic, write_json_atomic, write_table_atomic
-from rmlib.train import RMConfig, last_checkpoint, results_row, train_reward_model
+from rmlib.pipeline import presets
+from rmlib.pipeline import reproduce
+from rmlib.core.atomic_io import save_figure_atomic, write_json_atomic, write_table_atomic
+from rmlib.reward.config import RMConfig
+from rmlib.reward.trainer import last_checkpoint, results_row, train_reward_model
 
 REPLIES = [
     ("Sure, here is a careful answer with details.", "No."),
@@ -88,7 +90,8 @@ import torch
 torch.set_num_threads(1)
 from datasets import Dataset
 from transformers import TrainerCallback
-from rmlib.train import RMConfig, train_reward_model
+from rmlib.reward.config import RMConfig
+from rmlib.reward.trainer import train_reward_model
 
 args = json.loads(sys.argv[1])
 pairs = Dataset.from_list(args["rows"])
@@ -191,13 +194,13 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM
-from rmlib import bon
-from rmlib.assets import load_tokenizer
+from rmlib.model import generation
+from rmlib.model.assets import load_tokenizer
 
 args = json.loads(sys.argv[1])
 policy = AutoModelForCausalLM.from_pretrained(args["backbone"], dtype=torch.float32)
 tokenizer = load_tokenizer(args["backbone"])
-append, calls = bon._append_jsonl, [0]
+append, calls = generation.append_jsonl, [0]
 
 def append_then_park(path, rows):
     calls[0] += 1
@@ -210,8 +213,8 @@ def append_then_park(path, rows):
     Path(args["marker"]).write_text("parked")
     time.sleep(600)
 
-bon._append_jsonl = append_then_park
-bon.sample_responses(policy, tokenizer, args["prompts"], args["ids"], out_path=args["out"], **args["kw"])
+generation.append_jsonl = append_then_park
+generation.sample_responses(policy, tokenizer, args["prompts"], args["ids"], out_path=args["out"], **args["kw"])
 print("finished without being killed", flush=True)
 """
 BON_PROMPTS = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(3)]
@@ -228,8 +231,8 @@ BON_CASES = {
 def test_bon_sampling_killed_and_resumed_equals_an_uninterrupted_run(case, tmp_path, tiny_backbone):
     from transformers import AutoModelForCausalLM
 
-    from rmlib.assets import load_tokenizer
-    from rmlib.bon import read_samples, sample_responses
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.model.generation import read_samples, sample_responses
 
     c = BON_CASES[case]
     kw = dict(c["kw"], max_new_tokens=8, bf16=False, progress=False)
@@ -280,9 +283,9 @@ def test_same_seed_gives_the_same_results_table(tmp_path, tiny_backbone):
 # -- NaN / inf losses --------------------------------------------------------------------------------
 def _poison_logps_after(monkeypatch, n_calls: int, value: float):
     """Make RewardModel.forward return ``value`` log-probs from its (n_calls + 1)-th call on."""
-    from rmlib import models
+    from rmlib.model import reward_model
 
-    original, calls = models.RewardModel.forward, {"n": 0}
+    original, calls = reward_model.RewardModel.forward, {"n": 0}
 
     def poisoned(self, *a, **k):
         out = original(self, *a, **k)
@@ -291,7 +294,7 @@ def _poison_logps_after(monkeypatch, n_calls: int, value: float):
             out.logps = torch.full_like(out.logps, value)
         return out
 
-    monkeypatch.setattr(models.RewardModel, "forward", poisoned)
+    monkeypatch.setattr(reward_model.RewardModel, "forward", poisoned)
 
 
 def test_inf_regularizer_stops_naming_step_and_part_and_the_run_resumes(tmp_path, tiny_backbone, pairs,
@@ -359,7 +362,7 @@ def test_markdown_table_needs_no_extra_package_and_is_atomic(tmp_path, monkeypat
     write_table_atomic(path, frame)
     assert path.read_text() == "| run | acc |\n|---|---|\n| bt | 0.6 |\n| bsr\\|x |  |\n"
     before = path.read_bytes()
-    monkeypatch.setattr("rmlib.results.os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr("rmlib.core.atomic_io.os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(OSError, match="No space"):
         write_table_atomic(path, frame.assign(acc=[0.7, 0.8]))
     assert path.read_bytes() == before and not _temp_files(tmp_path)
@@ -440,7 +443,7 @@ def test_bad_training_parameter_fails_when_the_config_is_built(tmp_path, kw, mus
 
 
 def test_missing_model_path_fails_before_any_training(tmp_path, pairs):
-    from rmlib.assets import ModelNotFoundError
+    from rmlib.model.assets import ModelNotFoundError
 
     missing = tmp_path / "no_such_model"
     with pytest.raises(ModelNotFoundError) as e:
@@ -451,7 +454,7 @@ def test_missing_model_path_fails_before_any_training(tmp_path, pairs):
 
 
 def test_missing_model_path_fails_when_the_config_is_built(tmp_path):
-    from rmlib.assets import ModelNotFoundError
+    from rmlib.model.assets import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="smollm2-135m-instruct"):
         RMConfig(output_dir=str(tmp_path / "run"), backbone=str(tmp_path / "no_such_model"))
@@ -467,12 +470,12 @@ def test_preset_key_the_notebook_does_not_accept_fails_before_anything_runs(tmp_
     preset = {"requires": "cpu", "common": {"seed": 0}, "notebooks": {"02_train_rm": {"n_train": 4}}}
     (preset["common"] if section == "common" else preset["notebooks"]["02_train_rm"])[key] = 0.1
     (params / "typo.yaml").write_text(json.dumps(preset))  # JSON is YAML
-    monkeypatch.setattr(reproduce, "PARAMS_DIR", params)
+    monkeypatch.setattr(presets, "PARAMS_DIR", params)
     monkeypatch.setattr(pm, "execute_notebook", lambda *a, **k: pytest.fail("a notebook was started"))
     out = tmp_path / "out"
     assert reproduce.main(["--preset", "typo", "--only", "02_train_rm", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    accepted = pm.inspect_notebook(str(reproduce.NOTEBOOK_DIR / "02_train_rm.ipynb"))
+    accepted = pm.inspect_notebook(str(presets.NOTEBOOK_DIR / "02_train_rm.ipynb"))
     assert f"'{key}'" in err and "02_train_rm" in err and "typo" in err, err
     assert all(name in err for name in accepted), err  # every accepted parameter is listed
     assert not out.exists()

@@ -1,11 +1,12 @@
-"""rmlib.report: the README results section is computed from result tables (verdict rules, markers)."""
+"""rmlib.pipeline.report: the README results section is computed from result tables (verdict rules, markers)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from rmlib import report
+from rmlib.analysis import claims
+from rmlib.pipeline import report
 
 
 @pytest.fixture
@@ -36,13 +37,13 @@ def test_claims_follow_the_rules(results):
     text = report.build(results / "runs", results / "figures", results, preset="test")
     lines = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in text.splitlines()
              if line.startswith("| ") and line.count("|") == 4 and not line.startswith("| claim")}
-    assert lines["BT reaches >= 62% held-out accuracy on HH-RLHF (issue 3 sanity bar)"] == report.REPRODUCED
-    assert lines["under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)"] == report.REPRODUCED
-    assert lines["bsr: grows less than under BT (BSR §4)"] == report.REPRODUCED
-    assert lines["bsr: ‖h‖ spreads less across ID/OOD sets than under BT (BSR §4)"] == report.NOT_AT_SCALE  # 1% apart
-    assert lines["bsr: effective rank shifts less from train to eval than under BT (BSR §4)"] == report.OPPOSITE
-    assert lines["bsr above BT on val2_prompt_ood (BSR Table 5 / GRM Table 1)"] == report.REPRODUCED
-    assert lines["grm above BT on hhh (BSR Table 5 / GRM Table 1)"] == report.NOT_AT_SCALE
+    assert lines["BT reaches >= 62% held-out accuracy on HH-RLHF (issue 3 sanity bar)"] == claims.REPRODUCED
+    assert lines["under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)"] == claims.REPRODUCED
+    assert lines["bsr: grows less than under BT (BSR §4)"] == claims.REPRODUCED
+    assert lines["bsr: ‖h‖ spreads less across ID/OOD sets than under BT (BSR §4)"] == claims.NOT_AT_SCALE  # 1% apart
+    assert lines["bsr: effective rank shifts less from train to eval than under BT (BSR §4)"] == claims.OPPOSITE
+    assert lines["bsr above BT on val2_prompt_ood (BSR Table 5 / GRM Table 1)"] == claims.REPRODUCED
+    assert lines["grm above BT on hhh (BSR Table 5 / GRM Table 1)"] == claims.NOT_AT_SCALE
     assert not any("bsr_1e-2" in k for k in lines)  # only the headline variants make claims
     assert "### 04 · Best-of-N with a synthetic gold\nnot run" in text
     assert "0.8496" in text  # the paper's Table 5 row is shown beside ours

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rmlib import reproduce
+from rmlib.pipeline import reproduce
 
 
 def test_unknown_preset_lists_the_available_ones(capsys):

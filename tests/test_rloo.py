@@ -1,4 +1,4 @@
-"""RLOO against learned RMs (rmlib.rloo): reward-function wrapper, prompt sets, tracking,
+"""RLOO against learned RMs (rmlib.rloo.trainer): reward-function wrapper, prompt sets, tracking,
 kill-and-resume with a real SIGKILL, determinism, bad parameters. Tiny random models only."""
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ import torch
 from conftest import make_tiny_lm
 from safetensors.torch import load_file
 
-from rmlib import bon, rloo
-from rmlib.models import ModelSpec, build_reward_model, load_reward_model, save_reward_model
+from rmlib.model import reward_model
+from rmlib.analysis import rloo_curves
+from rmlib.model import generation
+from rmlib.model import logprobs
+from rmlib import plots
+from rmlib.rloo import config as rloo_config
+from rmlib.rloo import prompts as rloo_prompts
+from rmlib.rloo import reward_fn
+from rmlib.rloo import tracker
+from rmlib.rloo import trainer as rloo_trainer
+from rmlib.model.reward_model import ModelSpec, build_reward_model, load_reward_model, save_reward_model
 
 # a chat template unlike SmolLM2's, so a wrapper using the policy's template would score differently
 RM_TEMPLATE = (
@@ -53,18 +62,18 @@ def assets(tmp_path_factory, tokenizer, tiny_backbone):
         "policy": tiny_backbone,
         "proxy": _save_rm(root / "proxy", tokenizer, tiny_backbone, "linear", seed=1),
         "gold": _save_rm(root / "gold", tokenizer, tiny_backbone, "mlp", seed=2, template=RM_TEMPLATE),
-        "prompts": rloo.split_prompts(CANDIDATES, n_train=6, n_eval=3, seed=0),
+        "prompts": rloo_prompts.split_prompts(CANDIDATES, n_train=6, n_eval=3, seed=0),
         "root": root,
     }
 
 
-def _config(assets, out, **kw) -> rloo.RLOORunConfig:
+def _config(assets, out, **kw) -> rloo_config.RLOORunConfig:
     base = dict(output_dir=str(out), policy=assets["policy"], proxy_rm=assets["proxy"], gold_rm=assets["gold"],
                 mode="lora", lora_r=4, lora_alpha=8, learning_rate=5e-2, prompts_per_step=2, max_steps=3,
                 max_completion_length=6, track_every=2, save_steps=1, eval_samples_per_prompt=2,
                 eval_batch_size=4, rm_max_length=128, rm_batch_size=4, bf16=True, use_cpu=True, seed=0)
     base.update(kw)
-    return rloo.RLOORunConfig(**base)
+    return rloo_config.RLOORunConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -72,68 +81,68 @@ def run_a(assets, tmp_path_factory):
     """An uninterrupted tiny run: 3 steps, a checkpoint after each, tracked at steps 0, 2 and 3 (the last)."""
     out = tmp_path_factory.mktemp("run_a")
     config = _config(assets, out)
-    return config, rloo.train_rloo(config, assets["prompts"], progress=False)
+    return config, rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
 
 
 # -- prompts ---------------------------------------------------------------------------------------
 class TestPrompts:
     def test_split_is_deterministic_disjoint_and_eval_stable(self):
         cands = CANDIDATES + [{"source": "other", "text": CANDIDATES[0]["text"] + "  "}]  # a duplicate
-        a = rloo.split_prompts(cands, n_train=5, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
-        b = rloo.split_prompts(list(reversed(cands)), n_train=5, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
+        a = rloo_prompts.split_prompts(cands, n_train=5, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
+        b = rloo_prompts.split_prompts(list(reversed(cands)), n_train=5, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
         assert [p["text"] for p in a.train] == [p["text"] for p in b.train]  # input order does not matter...
         assert [p["text"] for p in a.eval] == [p["text"] for p in b.eval]
         texts_train, texts_eval = {p["text"] for p in a.train}, {p["text"] for p in a.eval}
         assert not texts_train & texts_eval and len(texts_train) == 5 and len(texts_eval) == 4
         assert CANDIDATES[1]["text"] not in texts_train | texts_eval
         assert a.report["duplicates"] == 1 and a.report["excluded"] == 1 and a.report["usable"] == 13
-        more = rloo.split_prompts(cands, n_train=8, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
+        more = rloo_prompts.split_prompts(cands, n_train=8, n_eval=4, seed=3, exclude=[CANDIDATES[1]["text"]])
         assert [p["prompt_id"] for p in more.eval] == [p["prompt_id"] for p in a.eval]  # eval fixed
         assert [p["prompt_id"] for p in more.train[:5]] == [p["prompt_id"] for p in a.train]
-        other = rloo.split_prompts(cands, n_train=5, n_eval=4, seed=4)
+        other = rloo_prompts.split_prompts(cands, n_train=5, n_eval=4, seed=4)
         assert [p["text"] for p in other.eval] != [p["text"] for p in a.eval]
         assert a.digest() != other.digest() and a.digest() == b.digest()
         assert a.train[0]["prompt"] == [{"role": "user", "content": a.train[0]["text"]}]
 
     def test_exclusion_reads_texts_conversations_and_prompt_keys(self):
-        from rmlib.gold import prompt_key
+        from rmlib.analysis.synthetic_gold import prompt_key
 
         convo = [{"role": "user", "content": " Hi there "}, {"role": "assistant", "content": "Hello"},
                  {"role": "user", "content": "More?"}]
-        got = rloo.exclusion_texts(["plain text ", convo, prompt_key([{"role": "user", "content": "keyed"}]),
+        got = rloo_prompts.exclusion_texts(["plain text ", convo, prompt_key([{"role": "user", "content": "keyed"}]),
                                     "[[not json"])
         assert got == {"plain text", "Hi there", "keyed", "[[not json"}
 
     def test_long_prompts_dropped_and_counted(self, tokenizer):
         long = [{"source": "toy", "text": "word " * 300}]
-        sets = rloo.split_prompts(CANDIDATES + long, n_train=3, n_eval=2, tokenizer=tokenizer, max_prompt_tokens=64)
+        sets = rloo_prompts.split_prompts(CANDIDATES + long, n_train=3, n_eval=2, tokenizer=tokenizer, max_prompt_tokens=64)
         assert sets.report["too_long"] == 1
         assert all(len(p["text"]) < 100 for p in sets.train + sets.eval)
 
     def test_too_few_prompts_and_bad_counts(self):
         with pytest.raises(ValueError, match=r"n_train=20 \+ n_eval=5 exceeds the 14"):
-            rloo.split_prompts(CANDIDATES, n_train=20, n_eval=5)
+            rloo_prompts.split_prompts(CANDIDATES, n_train=20, n_eval=5)
         with pytest.raises(ValueError, match="n_eval must be an integer >= 1"):
-            rloo.split_prompts(CANDIDATES, n_train=2, n_eval=0)
+            rloo_prompts.split_prompts(CANDIDATES, n_train=2, n_eval=0)
         with pytest.raises(ValueError, match="allowed: alpaca_eval, hh-rlhf"):
-            rloo.prompt_candidates(["ultrafeedback"])
+            rloo_prompts.prompt_candidates(["ultrafeedback"])
 
     def test_real_hh_prompts_exclude_rm_training_prompts(self, hh_pairs):
         rm_train = hh_pairs.select(range(200))
-        excluded = rloo.rm_training_prompts(rm_train)
-        sets = rloo.build_prompt_sets(n_train=300, n_eval=50, seed=0, sources=["hh-rlhf"], exclude=excluded)
+        excluded = rloo_prompts.rm_training_prompts(rm_train)
+        sets = rloo_prompts.build_prompt_sets(n_train=300, n_eval=50, seed=0, sources=["hh-rlhf"], exclude=excluded)
         assert sets.report["excluded"] == len(excluded) > 100
         assert not {p["text"] for p in sets.train + sets.eval} & excluded
         assert all(p["source"] == "hh-rlhf" and p["prompt_id"].startswith("hh-rlhf:") for p in sets.train)
 
     def test_prompt_stream_is_seeded_passes(self):
         prompts = [{"prompt_id": str(i)} for i in range(5)]
-        s = rloo.prompt_stream(prompts, 12, seed=0)
+        s = rloo_prompts.prompt_stream(prompts, 12, seed=0)
         ids = [p["prompt_id"] for p in s]
         assert len(ids) == 12 and sorted(ids[:5]) == sorted(ids[5:10]) == [str(i) for i in range(5)]
         assert ids[:5] != ids[5:10]  # each pass its own permutation (fixed for seed 0)
-        assert ids == [p["prompt_id"] for p in rloo.prompt_stream(prompts, 12, seed=0)]
-        assert ids[:7] == [p["prompt_id"] for p in rloo.prompt_stream(prompts, 7, seed=0)]  # prefix-stable
+        assert ids == [p["prompt_id"] for p in rloo_prompts.prompt_stream(prompts, 12, seed=0)]
+        assert ids[:7] == [p["prompt_id"] for p in rloo_prompts.prompt_stream(prompts, 7, seed=0)]  # prefix-stable
 
 
 # -- the reward-function wrapper --------------------------------------------------------------------
@@ -153,7 +162,7 @@ class TestRewardFunction:
 
     @pytest.mark.parametrize("rm", ["proxy", "gold"])
     def test_scores_equal_direct_scoring_with_the_rms_own_template(self, assets, tokenizer, rm):
-        fn = rloo.RewardModelFunction.from_dir(assets[rm], name=rm, bf16=False, batch_size=2, max_length=None)
+        fn = reward_fn.RewardModelFunction.from_dir(assets[rm], name=rm, bf16=False, batch_size=2, max_length=None)
         model, rm_tok = load_reward_model(assets[rm]), fn.tokenizer
         completions = [[{"role": "assistant", "content": r}] for r in self.REPLIES]  # TRL's conversational form
         got = fn(prompts=self.PROMPTS, completions=completions, completion_ids=None, trainer_state=None)
@@ -168,19 +177,19 @@ class TestRewardFunction:
 
     def test_prompt_cut_from_the_left_at_max_length(self, assets):
         long_prompt = [[{"role": "user", "content": "blah " * 200 + "How do I cook rice?"}]]
-        full = rloo.RewardModelFunction.from_dir(assets["proxy"], bf16=False, max_length=None)
-        cut = rloo.RewardModelFunction.from_dir(assets["proxy"], bf16=False, max_length=64)
+        full = reward_fn.RewardModelFunction.from_dir(assets["proxy"], bf16=False, max_length=None)
+        cut = reward_fn.RewardModelFunction.from_dir(assets["proxy"], bf16=False, max_length=64)
         assert full.score(long_prompt, ["Boil it."])[0] != pytest.approx(cut.score(long_prompt, ["Boil it."])[0])
 
     def test_missing_folder_names_it_and_the_hint(self, tmp_path):
         with pytest.raises(FileNotFoundError, match=r"proxy RM folder .*nope does not exist; run notebook 04"):
-            rloo.RewardModelFunction.from_dir(tmp_path / "nope", name="proxy RM", hint="run notebook 04")
+            reward_fn.RewardModelFunction.from_dir(tmp_path / "nope", name="proxy RM", hint="run notebook 04")
         (tmp_path / "empty").mkdir()
         with pytest.raises(FileNotFoundError, match="is not an rmlib reward model"):
-            rloo.check_reward_model_dir(tmp_path / "empty", "gold RM")
+            reward_fn.check_reward_model_dir(tmp_path / "empty", "gold RM")
 
     def test_rejects_non_chat_prompts(self, assets):
-        fn = rloo.RewardModelFunction.from_dir(assets["proxy"])
+        fn = reward_fn.RewardModelFunction.from_dir(assets["proxy"])
         with pytest.raises(TypeError, match="chat messages"):
             fn(["a plain string prompt"], ["reply"])
 
@@ -190,7 +199,7 @@ class TestEvalSampling:
     def test_completion_logps_equal_a_full_forward(self, tokenizer):
         model = make_tiny_lm(tokenizer, seed=5).eval()
         prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 2], [13]]
-        got = rloo.completion_logps(model, prompts, comps, temperature=0.7, batch_size=2, bf16=False,
+        got = logprobs.completion_logps(model, prompts, comps, temperature=0.7, batch_size=2, bf16=False,
                                     chunk_tokens=2)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             ids = torch.tensor([p + c])
@@ -202,7 +211,7 @@ class TestEvalSampling:
     def test_completion_kl_equals_brute_force(self, tokenizer):
         policy, ref = make_tiny_lm(tokenizer, seed=5).eval(), make_tiny_lm(tokenizer, seed=8).eval()
         prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 2], [13]]
-        got = rloo.completion_kl(policy, prompts, comps, reference=ref, temperature=0.7, chunk_tokens=2)
+        got = logprobs.completion_kl(policy, prompts, comps, reference=ref, temperature=0.7, chunk_tokens=2)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             ids = torch.tensor([p + c])
             with torch.no_grad():
@@ -212,23 +221,23 @@ class TestEvalSampling:
             assert got["kl"][i] == pytest.approx(float((lp.exp() * (lp - lr)).sum()), abs=1e-4)
             assert got["kl_k1"][i] == pytest.approx(float((lp.gather(1, tok) - lr.gather(1, tok)).sum()), abs=1e-4)
         assert (got["kl"] > 0).all()
-        np.testing.assert_allclose(got["logp"], rloo.completion_logps(policy, prompts, comps, 0.7, bf16=False),
+        np.testing.assert_allclose(got["logp"], logprobs.completion_logps(policy, prompts, comps, 0.7, bf16=False),
                                    atol=1e-6)
 
     def test_completion_kl_of_fresh_lora_adapters_is_zero(self, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(make_tiny_lm(tokenizer, seed=5), LoraConfig(r=2, target_modules=["q_proj"]))
-        got = rloo.completion_kl(policy, [[5, 6, 7]], [[8, 9]])  # adapters start with B = 0
+        got = logprobs.completion_kl(policy, [[5, 6, 7]], [[8, 9]])  # adapters start with B = 0
         assert got["kl"][0] == 0.0 and got["kl_k1"][0] == 0.0
         with pytest.raises(ValueError, match="needs a reference model"):
-            rloo.completion_kl(make_tiny_lm(tokenizer), [[5]], [[6]])
+            logprobs.completion_kl(make_tiny_lm(tokenizer), [[5]], [[6]])
 
     def test_float32_weights_restore_bf16_exactly(self, tokenizer):
         model = make_tiny_lm(tokenizer, seed=7).to(torch.bfloat16)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         params = list(model.parameters())
-        with rloo.float32_weights(model, None):
+        with logprobs.float32_weights(model, None):
             assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(a is b for a, b in zip(params, model.parameters()))  # optimizer references stay valid
         assert all(p.dtype == torch.bfloat16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -236,8 +245,8 @@ class TestEvalSampling:
     def test_rows_draw_from_their_own_seed(self, tokenizer):
         model = make_tiny_lm(tokenizer, seed=6)
         prompt = tokenizer("hello there", add_special_tokens=False)["input_ids"]
-        alone = rloo.sample_completions(model, tokenizer, [prompt], [11], max_new_tokens=5, bf16=False)
-        batch = rloo.sample_completions(model, tokenizer, [prompt] * 3, [7, 11, 13], max_new_tokens=5, bf16=False)
+        alone = generation.sample_completions(model, tokenizer, [prompt], [11], max_new_tokens=5, bf16=False)
+        batch = generation.sample_completions(model, tokenizer, [prompt] * 3, [7, 11, 13], max_new_tokens=5, bf16=False)
         state = torch.random.get_rng_state()
         assert batch[1] == alone[0] and batch[0] != batch[1]
         assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
@@ -264,15 +273,15 @@ class TestTraining:
             assert all(x["n_tokens"] <= config.max_completion_length for x in s)
         assert any(r["kl"] != 0.0 for r in recs[1:])  # the policy moved (lr 5e-2 on a tiny model)
         out = Path(config.output_dir)
-        assert rloo.read_records(out) == recs
-        assert [r["step"] for r in rloo.read_records(out / "checkpoint-2" / rloo.RECORDS_FILE)] == [0, 2]
-        assert json.loads((out / "checkpoint-2" / rloo.CONFIG_FILE).read_text())["config"]["seed"] == 0
-        curves = pd.read_csv(out / rloo.CURVES_FILE)
-        assert list(curves.columns) == rloo.CURVE_COLUMNS and len(curves) == 3
+        assert tracker.read_records(out) == recs
+        assert [r["step"] for r in tracker.read_records(out / "checkpoint-2" / tracker.RECORDS_FILE)] == [0, 2]
+        assert json.loads((out / "checkpoint-2" / rloo_config.CONFIG_FILE).read_text())["config"]["seed"] == 0
+        curves = pd.read_csv(out / rloo_config.CURVES_FILE)
+        assert list(curves.columns) == tracker.CURVE_COLUMNS and len(curves) == 3
         assert np.isfinite(curves.drop(columns=["epoch"]).to_numpy(float)).all()
         assert (out / "final" / "adapter_model.safetensors").exists()
         assert result.metrics["steps"] == 3
-        log = rloo.train_log_frame(result.log_history)
+        log = pd.DataFrame([r for r in result.log_history if "loss" in r])  # TRL's per-step training log
         assert "rewards/proxy_rm/mean" in log.columns and len(log) == 3
 
     def test_reward_used_in_training_is_the_wrapper(self, run_a, assets):
@@ -280,14 +289,14 @@ class TestTraining:
         config, result = run_a
         s = result.records[-1]["samples"][0]
         prompt = next(p for p in assets["prompts"].eval if p["prompt_id"] == s["prompt_id"])["prompt"]
-        fn = rloo.RewardModelFunction.from_dir(assets["proxy"], max_length=128, bf16=config.bf16)
+        fn = reward_fn.RewardModelFunction.from_dir(assets["proxy"], max_length=128, bf16=config.bf16)
         assert fn.score([prompt], [s["completion"]])[0] == pytest.approx(s["proxy"], abs=1e-5)
 
     def test_reuse_returns_the_finished_run_and_other_config_is_set_aside(self, run_a, assets):
         config, result = run_a
-        again = rloo.train_rloo(config, assets["prompts"], reuse=True, progress=False)
+        again = rloo_trainer.train_rloo(config, assets["prompts"], reuse=True, progress=False)
         assert again.records == result.records and again.metrics == json.loads(json.dumps(result.metrics))
-        assert rloo.finished_run(replace(config, beta=0.1), assets["prompts"]) is None
+        assert rloo_trainer.finished_run(replace(config, beta=0.1), assets["prompts"]) is None
 
     def test_checkpoints_of_another_config_are_set_aside_not_resumed(self, run_a, assets, tmp_path):
         import shutil
@@ -295,51 +304,51 @@ class TestTraining:
         config, _ = run_a
         copy_dir = tmp_path / "run"
         shutil.copytree(config.output_dir, copy_dir)
-        same = rloo._identity(config, assets["prompts"])
-        rloo._set_aside_stale(copy_dir, same)
-        assert rloo.last_checkpoint(copy_dir) is not None and not list(copy_dir.glob("stale-*"))
-        rloo._set_aside_stale(copy_dir, rloo._identity(replace(config, beta=0.1), assets["prompts"]))
-        assert rloo.last_checkpoint(copy_dir) is None and not (copy_dir / "final").exists()
+        same = rloo_trainer._identity(config, assets["prompts"])
+        rloo_trainer._set_aside_stale(copy_dir, same)
+        assert rloo_trainer.last_checkpoint(copy_dir) is not None and not list(copy_dir.glob("stale-*"))
+        rloo_trainer._set_aside_stale(copy_dir, rloo_trainer._identity(replace(config, beta=0.1), assets["prompts"]))
+        assert rloo_trainer.last_checkpoint(copy_dir) is None and not (copy_dir / "final").exists()
         (stale,) = copy_dir.glob("stale-*")
-        assert {"checkpoint-3", "final", rloo.RESULT_FILE, rloo.RECORDS_FILE} <= {p.name for p in stale.iterdir()}
+        assert {"checkpoint-3", "final", rloo_config.RESULT_FILE, tracker.RECORDS_FILE} <= {p.name for p in stale.iterdir()}
 
     def test_retrained_rm_in_the_same_folder_is_a_new_run(self, assets, tmp_path):
         import shutil
 
         shutil.copytree(assets["proxy"], tmp_path / "proxy")
-        before = bon.model_digest(tmp_path / "proxy")
+        before = reward_model.model_digest(tmp_path / "proxy")
         meta = json.loads((tmp_path / "proxy" / "rmlib_reward.json").read_text())
         meta["extra"] = {"metrics": {"train_seconds": 12.3}}  # what a retraining rewrites
         (tmp_path / "proxy" / "rmlib_reward.json").write_text(json.dumps(meta))
-        assert bon.model_digest(tmp_path / "proxy") != before
-        assert bon.model_digest(assets["proxy"]) == bon.model_digest(assets["proxy"])
+        assert reward_model.model_digest(tmp_path / "proxy") != before
+        assert reward_model.model_digest(assets["proxy"]) == reward_model.model_digest(assets["proxy"])
 
     def test_figures_and_tables(self, run_a):
         _, result = run_a
-        curves = pd.concat([rloo.curves_frame(result.records, run="bt"), rloo.curves_frame(result.records, run="bsr")])
-        table = rloo.summary_table(curves)
+        curves = pd.concat([tracker.curves_frame(result.records, run="bt"), tracker.curves_frame(result.records, run="bsr")])
+        table = rloo_curves.summary_table(curves)
         assert list(table["run"]) == ["bt", "bsr"] and (table["steps"] == 3).all()
-        text = rloo.describe_runs(table)
+        text = rloo_curves.describe_runs(table)
         assert "**bt**" in text and "**bsr**" in text and "standard errors" in text
         cases = (("up", 0.5, 0.1), ("flat", 0.1, 0.1), ("same", 0.2, 0.0))
         rows = pd.DataFrame([{"run": r, "step": st, "kl": 0.1 * st, "kl_sem": 0.01, "proxy_delta": d,
                               "proxy_delta_sem": 0.1, "proxy_std0": 1.0, "gold_delta": d, "gold_delta_sem": sem,
                               "gold_win_rate": 0.5, "length_tokens": 10.0} for r, d, sem in cases for st in (0, 4)])
         rows.loc[rows["step"] == 0, ["proxy_delta", "gold_delta"]] = 0.0
-        verdicts = rloo.describe_runs(rloo.summary_table(rows)).splitlines()
+        verdicts = rloo_curves.describe_runs(rloo_curves.summary_table(rows)).splitlines()
         assert "up beyond 2 standard errors" in verdicts[0] and "within 2 standard errors" in verdicts[1]
         assert "up beyond" in verdicts[2]  # every sample moved by the same amount: zero spread
-        fig = rloo.curves_figure(curves)
+        fig = plots.curves_figure(curves)
         assert len(fig.axes) == 4 and len(fig.axes[1].lines) == 2
-        long = rloo.curves_frame(result.records, run="bt", long=True)
+        long = tracker.curves_frame(result.records, run="bt", long=True)
         assert set(long.columns) == {"run", "step", "epoch", "metric", "value"}
-        assert len(rloo.samples_frame(result.records)) == 3 * 6
+        assert len(tracker.samples_frame(result.records)) == 3 * 6
 
     def test_same_seed_same_curves_other_seed_differs(self, assets, tmp_path):
         runs = {}
         for name, seed in (("one", 0), ("two", 0), ("other", 1)):
             config = _config(assets, tmp_path / name, seed=seed, max_steps=1, track_every=1)
-            runs[name] = rloo.train_rloo(config, assets["prompts"], progress=False)
+            runs[name] = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
         assert [r["step"] for r in runs["one"].records] == [0, 1]
         assert runs["one"].records == runs["two"].records
         weights = {n: load_file(str(tmp_path / n / "final" / "adapter_model.safetensors")) for n in runs}
@@ -349,7 +358,7 @@ class TestTraining:
 
     def test_full_fine_tuning_reference_from_the_saved_path(self, assets, tmp_path):
         config = _config(assets, tmp_path / "full", mode="full", max_steps=1, learning_rate=1e-3)
-        result = rloo.train_rloo(config, assets["prompts"], progress=False)
+        result = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
         assert result.records[0]["kl"] == 0.0 and [r["step"] for r in result.records] == [0, 1]
         assert math.isfinite(result.records[1]["kl"])
         assert (tmp_path / "full" / "final" / "model.safetensors").exists()
@@ -362,11 +371,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 torch.set_num_threads(1)  # as in conftest: same arithmetic as the test process
 from transformers import TrainerCallback
-from rmlib import rloo
+from rmlib.rloo import config as rloo_config, prompts as rloo_prompts, trainer as rloo_trainer
 
 spec = json.loads(sys.argv[1])
 marker = spec.pop("marker")
-prompts = rloo.split_prompts(spec.pop("candidates"), n_train=6, n_eval=3, seed=0)
+prompts = rloo_prompts.split_prompts(spec.pop("candidates"), n_train=6, n_eval=3, seed=0)
 
 
 class PauseAfterFirstCheckpoint(TrainerCallback):
@@ -381,7 +390,7 @@ class PauseAfterFirstCheckpoint(TrainerCallback):
             time.sleep(600)  # killed here
 
 
-rloo.train_rloo(rloo.RLOORunConfig(**spec), prompts, callbacks=[PauseAfterFirstCheckpoint()], progress=False)
+rloo_trainer.train_rloo(rloo_config.RLOORunConfig(**spec), prompts, callbacks=[PauseAfterFirstCheckpoint()], progress=False)
 """
 
 
@@ -404,12 +413,12 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_pa
     assert alive and marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
     assert child.returncode == -signal.SIGKILL
     out = Path(config.output_dir)
-    assert rloo.last_checkpoint(out) == str(out / "checkpoint-1")
-    assert [r["step"] for r in rloo.read_records(out)] == [0, 2]  # step 2 trained and tracked, then killed
-    assert [r["step"] for r in rloo.read_records(out / "checkpoint-1")] == [0]
+    assert rloo_trainer.last_checkpoint(out) == str(out / "checkpoint-1")
+    assert [r["step"] for r in tracker.read_records(out)] == [0, 2]  # step 2 trained and tracked, then killed
+    assert [r["step"] for r in tracker.read_records(out / "checkpoint-1")] == [0]
     assert not (out / "final").exists()
 
-    resumed = rloo.train_rloo(config, assets["prompts"], progress=False)
+    resumed = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
     assert resumed.metrics["resumed_from"] == str(out / "checkpoint-1")
     assert [r["step"] for r in resumed.records] == [0, 2, 3]
     pd.testing.assert_frame_equal(resumed.curves, result_a.curves, check_exact=True)
@@ -438,18 +447,18 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_pa
 ])
 def test_bad_config_fails_naming_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
-        rloo.RLOORunConfig(**{field: value})
+        rloo_config.RLOORunConfig(**{field: value})
 
 
 def test_bf16_policy_weights_need_lora():
     with pytest.raises(ValueError, match="policy_dtype='bfloat16' needs mode='lora'"):
-        rloo.RLOORunConfig(mode="full", policy_dtype="bfloat16")
+        rloo_config.RLOORunConfig(mode="full", policy_dtype="bfloat16")
 
 
 def test_missing_rm_folder_fails_before_training(assets, tmp_path):
     config = _config(assets, tmp_path / "run", gold_rm=str(tmp_path / "no_gold"))
     with pytest.raises(FileNotFoundError, match="gold RM folder .*no_gold does not exist"):
-        rloo.train_rloo(config, assets["prompts"], progress=False)
+        rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
     assert not (tmp_path / "run").exists()
 
 

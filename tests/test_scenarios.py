@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rmlib import scenarios as S
+from rmlib.analysis import scenarios
 
 SMALL = dict(n_train_pairs=300, max_pairs_per_prompt=4, max_responses_per_prompt=4, max_prompts_per_split=12)
 
@@ -21,7 +21,7 @@ def responses():
 
 @pytest.fixture(scope="module")
 def split(responses):
-    return S.make_scenarios(responses, seed=0, **SMALL)
+    return scenarios.make_scenarios(responses, seed=0, **SMALL)
 
 
 def _response_ids(pairs):
@@ -77,27 +77,27 @@ def test_caps(split):
 
 
 def test_deterministic_with_the_seed(split, responses):
-    again = S.make_scenarios(responses, seed=0, **SMALL)
-    other = S.make_scenarios(responses, seed=1, **SMALL)
+    again = scenarios.make_scenarios(responses, seed=0, **SMALL)
+    other = scenarios.make_scenarios(responses, seed=1, **SMALL)
     assert again.train_pairs["id"] == split.train_pairs["id"]
     assert (again.train_prompts, again.train_generators) == (split.train_prompts, split.train_generators)
-    for name in S.SCENARIOS:
+    for name in scenarios.SCENARIOS:
         pd.testing.assert_frame_equal(again.val[name].responses, split.val[name].responses)
         assert again.val[name].pairs["id"] == split.val[name].pairs["id"]
     assert other.train_prompts != split.train_prompts and other.train_pairs["id"] != split.train_pairs["id"]
-    pd.testing.assert_frame_equal(S.split_sizes(again), S.split_sizes(split))
+    pd.testing.assert_frame_equal(scenarios.split_sizes(again), scenarios.split_sizes(split))
 
 
 def test_sizes_table(split):
-    sizes = S.split_sizes(split)
-    assert sizes["split"].tolist() == ["train", *S.SCENARIOS]
+    sizes = scenarios.split_sizes(split)
+    assert sizes["split"].tolist() == ["train", *scenarios.SCENARIOS]
     assert {"prompts", "generators", "responses", "pairs", "prompt_pool", "generator_pool"} <= set(sizes.columns)
     row = sizes.set_index("split")
     assert row.loc["train", "pairs"] == 300 and row.loc["val3_response_ood", "generator_pool"] == 15
-    assert (row.loc[list(S.SCENARIOS), "prompts"] == 12).all()
-    assert (row.loc[list(S.SCENARIOS[1:]), "responses"] == 48).all()  # 12 prompts x 4 (pools have >= 15)
+    assert (row.loc[list(scenarios.SCENARIOS), "prompts"] == 12).all()
+    assert (row.loc[list(scenarios.SCENARIOS[1:]), "responses"] == 48).all()  # 12 prompts x 4 (pools have >= 15)
     assert row.loc["val1_in_domain", "responses"] <= 48  # a Val1 prompt may hold fewer than 4 held-out responses
-    for name in S.SCENARIOS:
+    for name in scenarios.SCENARIOS:
         assert row.loc[name, "pairs"] == len(split.val[name].pairs) > 0
 
 
@@ -109,19 +109,19 @@ def test_prompts_stratified_by_category(split, responses):
 
 
 def test_perfect_scorer_gets_tau_and_accuracy_one(split):
-    out = S.evaluate_scenarios(None, None, split, score_fn=lambda df: df["gold"].to_numpy(float), n_boot=100)
-    assert list(out.columns) == S.RESULT_COLUMNS
-    assert out["scenario"].tolist() == [s for s in S.SCENARIOS for _ in range(2)]
+    out = scenarios.evaluate_scenarios(None, None, split, score_fn=lambda df: df["gold"].to_numpy(float), n_boot=100)
+    assert list(out.columns) == scenarios.RESULT_COLUMNS
+    assert out["scenario"].tolist() == [s for s in scenarios.SCENARIOS for _ in range(2)]
     assert (out["value"] == 1.0).all() and (out["ci_low"] == 1.0).all()
     tau = out[out.metric == "kendall_tau_b"]
     assert (tau["n_prompts"] == 12).all() and (tau["n_skipped_prompts"] == 0).all()
     # the reversed scorer is perfectly wrong
-    rev = S.evaluate_scenarios(None, None, split, score_fn=lambda df: -df["gold"].to_numpy(float), n_boot=0)
+    rev = scenarios.evaluate_scenarios(None, None, split, score_fn=lambda df: -df["gold"].to_numpy(float), n_boot=0)
     assert (rev["value"] == np.where(rev.metric == "accuracy", 0.0, -1.0)).all()
 
 
 def test_constant_scorer_skips_every_prompt(split):
-    out = S.evaluate_scenarios(None, None, split, scenarios=["val2_prompt_ood"], n_boot=10,
+    out = scenarios.evaluate_scenarios(None, None, split, scenarios=["val2_prompt_ood"], n_boot=10,
                                score_fn=lambda df: np.zeros(len(df)))
     acc, tau = out.iloc[0], out.iloc[1]
     assert acc["value"] == 0.0  # ties are wrong
@@ -129,19 +129,19 @@ def test_constant_scorer_skips_every_prompt(split):
 
 
 def test_evaluate_scenarios_on_the_tiny_model(responses, tokenizer, tiny_backbone):
-    from rmlib.models import ModelSpec, build_reward_model
-    from rmlib.scoring import score_token_sequences
+    from rmlib.model.reward_model import ModelSpec, build_reward_model
+    from rmlib.model.scoring import score_token_sequences
 
-    tiny = S.make_scenarios(responses, seed=0, **{**SMALL, "max_prompts_per_split": 3})
+    tiny = scenarios.make_scenarios(responses, seed=0, **{**SMALL, "max_prompts_per_split": 3})
     model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
-    out, scores = S.evaluate_scenarios(model, tokenizer, tiny, max_length=64, batch_size=8, bf16=False,
+    out, scores = scenarios.evaluate_scenarios(model, tokenizer, tiny, max_length=64, batch_size=8, bf16=False,
                                        n_boot=50, progress=False, return_scores=True)
-    assert out["scenario"].tolist() == [s for s in S.SCENARIOS for _ in range(2)]
+    assert out["scenario"].tolist() == [s for s in scenarios.SCENARIOS for _ in range(2)]
     assert np.isfinite(out[["value", "ci_low", "ci_high"]].to_numpy()).all()
     assert np.isfinite(scores["reward"]).all() and len(scores) == sum(len(v.responses) for v in tiny.val.values())
     # the rewards are those of the left-truncated token sequences scored one at a time
     v4 = tiny.val["val4_mutual_ood"].responses
-    seqs = [p + r for p, r in S.response_token_sequences(tokenizer, v4, max_length=64)]
+    seqs = [p + r for p, r in scenarios.response_token_sequences(tokenizer, v4, max_length=64)]
     assert max(len(s) for s in seqs) <= 64
     ref = score_token_sequences(model, seqs, batch_size=1, bf16=False, progress=False)
     np.testing.assert_allclose(scores[scores.scenario == "val4_mutual_ood"]["reward"], ref, rtol=1e-4, atol=1e-5)

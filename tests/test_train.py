@@ -9,8 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rmlib.models import load_reward_model
-from rmlib.train import RMConfig, last_checkpoint, log_history_frame, train_reward_model
+from rmlib.model.reward_model import load_reward_model
+from rmlib.reward.config import RMConfig
+from rmlib.reward.trainer import last_checkpoint, log_history_frame, train_reward_model
 
 REPLIES = [
     ("Sure, here is a careful answer with details.", "No."),
@@ -92,9 +93,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_backbone, pairs):
 
 
 def test_nan_loss_stops_naming_step_and_part_and_keeps_checkpoint(tmp_path, tiny_backbone, pairs, monkeypatch):
-    from rmlib import models
+    from rmlib.model import reward_model
 
-    original = models.RewardModel.forward
+    original = reward_model.RewardModel.forward
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -104,7 +105,7 @@ def test_nan_loss_stops_naming_step_and_part_and_keeps_checkpoint(tmp_path, tiny
             out.rewards = out.rewards * float("nan")
         return out
 
-    monkeypatch.setattr(models.RewardModel, "forward", poisoned)
+    monkeypatch.setattr(reward_model.RewardModel, "forward", poisoned)
     with pytest.raises(FloatingPointError, match=r"step 3.*loss/"):
         train_reward_model(_config(tmp_path, tiny_backbone, max_steps=6), pairs)
     assert last_checkpoint(tmp_path).endswith("checkpoint-2")
@@ -121,13 +122,13 @@ def test_bad_parameters_fail_at_once_naming_allowed_values(tmp_path, bad, match)
 
 
 def test_reuse_returns_a_finished_run_without_training(tmp_path, tiny_backbone, pairs, monkeypatch):
-    from rmlib import train as train_mod
+    from rmlib.reward import trainer as rm_trainer
 
     first = train_reward_model(_config(tmp_path, tiny_backbone), pairs, pairs.select(range(4)))
     def retrain(*a, **k):
         raise RuntimeError("retrained")
 
-    monkeypatch.setattr(train_mod.RMTrainer, "train", retrain)
+    monkeypatch.setattr(rm_trainer.RMTrainer, "train", retrain)
     again = train_reward_model(_config(tmp_path, tiny_backbone), pairs, pairs.select(range(4)), reuse=True)
     assert again.metrics == json.loads(json.dumps(first.metrics))
     assert len(again.log_history) == len(first.log_history)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
-from rmlib.paths import data_dir
+from rmlib.core.paths import data_dir
 
 from .errors import DataError, Drop
 from .pairs import Collector, check_label, check_text, opt_text

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from rmlib.paths import data_dir
+from rmlib.core.paths import data_dir
 
 from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub

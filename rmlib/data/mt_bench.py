@@ -8,11 +8,18 @@ from pathlib import Path
 
 from datasets import Features, List, Value
 
-from rmlib.paths import data_dir
+from rmlib.core.paths import data_dir
 
 from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub
-from .pairs import Collector, check_encodable, check_label, check_messages, check_text, opt_text
+from .pairs import (
+    Collector,
+    check_encodable,
+    check_label,
+    check_messages,
+    check_text,
+    opt_text,
+)
 from .readers import display_name, read_jsonl
 from .report import Loaded
 

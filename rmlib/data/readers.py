@@ -11,6 +11,10 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
+from rmlib.core.paths import data_dir
+
 from .errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -19,7 +23,6 @@ _PARQUET_MAGIC = b"PAR1"
 
 def display_name(path: str | Path) -> str:
     """The path relative to the data folder when inside it, else the file name (for row ids)."""
-    from rmlib.paths import data_dir
 
     path = Path(path)
     try:
@@ -93,7 +96,6 @@ def read_json(path: str | Path) -> object:
 
 def read_parquet(path: str | Path) -> list[dict]:
     """Rows of a parquet file as dicts."""
-    import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.exists():

@@ -29,7 +29,7 @@ torch.set_num_threads(1)  # two processes on a shared 2-core machine
 def penalty_check(out: Path, lam: float = 0.5, b: int = 3, dim: int = 8) -> None:
     from accelerate import Accelerator
 
-    from rmlib.losses import LossSpec, compute_loss
+    from rmlib.reward.losses import LossSpec, compute_loss
 
     acc = Accelerator(cpu=True)
     rank = acc.process_index
@@ -57,7 +57,8 @@ def train_runs(out: Path, backbone: str, pairs_file: str, runs: dict, n_train: i
     from safetensors.torch import save_file
 
     from rmlib.data import load_preference_file, train_eval_split
-    from rmlib.train import RMConfig, train_reward_model
+    from rmlib.reward.config import RMConfig
+    from rmlib.reward.trainer import train_reward_model
 
     train, held_out = train_eval_split(load_preference_file(pairs_file).dataset, n_train, n_eval, seed=0)
     for name, fields in runs.items():

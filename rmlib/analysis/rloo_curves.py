@@ -1,0 +1,61 @@
+"""TODO docstring (rloo)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def _z(delta: float, sem: float) -> float:
+    """delta / sem; +-inf for a nonzero delta with zero spread, 0 for no change, NaN if unknown."""
+    if not (np.isfinite(delta) and np.isfinite(sem)):
+        return math.nan
+    if sem > 0:
+        return float(delta / sem)
+    return 0.0 if delta == 0 else math.copysign(math.inf, delta)
+
+
+def summary_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its last tracked step against step 0 (``curves`` needs a ``run`` column).
+
+    Columns: run, steps, kl, proxy_delta (+ sem, and in step-0 standard deviations), gold_delta
+    (+ sem), gold_delta_z = gold_delta / gold_delta_sem, gold_win_rate, length_tokens at 0 and at
+    the end, length_change (relative)."""
+    rows = []
+    for run, g in curves.groupby("run", sort=False):
+        g = g.sort_values("step")
+        first, last = g.iloc[0], g.iloc[-1]
+        sem = last["gold_delta_sem"]
+        rows.append({
+            "run": run, "steps": int(last["step"]), "kl": last["kl"], "kl_sem": last["kl_sem"],
+            "proxy_delta": last["proxy_delta"], "proxy_delta_sem": last["proxy_delta_sem"],
+            "proxy_delta_in_std0": last["proxy_delta"] / first["proxy_std0"] if first["proxy_std0"] else math.nan,
+            "gold_delta": last["gold_delta"], "gold_delta_sem": sem,
+            "gold_delta_z": _z(last["gold_delta"], sem),
+            "gold_win_rate": last["gold_win_rate"], "length_tokens_start": first["length_tokens"],
+            "length_tokens_end": last["length_tokens"],
+            "length_change": last["length_tokens"] / first["length_tokens"] - 1 if first["length_tokens"] else math.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def describe_runs(table: pd.DataFrame, z: float = 2.0) -> str:
+    """Plain sentences computed from ``summary_table``: per run, the gold change and whether it
+    exceeds ``z`` standard errors, the proxy change, KL and length change. Claims nothing else."""
+    lines = []
+    for r in table.itertuples():
+        if np.isnan(r.gold_delta_z):
+            verdict = "no step-0 record to compare with"
+        elif abs(r.gold_delta_z) >= z:
+            verdict = f"{'up' if r.gold_delta > 0 else 'down'} beyond {z:g} standard errors"
+        else:
+            verdict = f"within {z:g} standard errors of no change"
+        lines.append(
+            f"- **{r.run}** (step {r.steps}, KL {r.kl:.3g} ± {r.kl_sem:.2g} nats): proxy reward "
+            f"{r.proxy_delta:+.3g} ({r.proxy_delta_in_std0:+.2f} initial std); gold reward {r.gold_delta:+.3g} "
+            f"± {r.gold_delta_sem:.2g} ({verdict}); gold win rate vs the initial policy {r.gold_win_rate:.2f}; "
+            f"mean length {r.length_tokens_start:.1f} -> {r.length_tokens_end:.1f} tokens ({r.length_change:+.0%})."
+        )
+    return "\n".join(lines)

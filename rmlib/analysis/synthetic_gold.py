@@ -1,0 +1,537 @@
+"""Synthetic-gold Best-of-N over-optimization (GRM paper Fig 2, after Gao et al. 2022).
+
+Gao et al. stand a stronger reward model in for human preference (the "gold"), relabel a
+training set with the gold's preferences, train weaker "proxy" reward models on it, then measure
+how the gold score of the proxy's best-of-n pick moves as n (and KL_bon = log n - (n-1)/n) grows.
+Here, on one backbone so every reward model shares a frozen bottom (mode ``topk``):
+
+- gold: trained on MORE and DIFFERENT data than any proxy: AlpacaEval GPT-4-judged (win, loss)
+  pairs plus HH-RLHF human pairs, more epochs (``gold_config``, name ``bon_gold``);
+- proxies: BT, BSR, GRM, BSR+GRM (``rmlib.reward.variants.VARIANTS``) x seeds, trained on a smaller, disjoint pool of
+  existing pairs whose labels are REPLACED by the gold's (``relabel_pairs``: chosen = the reply
+  the gold scores higher; ties counted and dropped), as the GRM paper relabels Unified-Feedback
+  pairs with its 7B gold (names ``bon_proxy_<variant>_s<seed>``);
+- prompts: BoN evaluation prompts are disjoint from every reward model's training prompts, and
+  the gold's prompts from the proxies' (``make_gold_split``, checked by ``check_disjoint``).
+
+Checkpoints live in ``<run_dir>/models/<name>/final`` (``final_dirs``, ``trained_models``), so
+later notebooks (RLOO) reuse the same gold and proxies.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from rmlib.analysis.benchmarks import model_pair_scorer
+from rmlib.analysis.stats import pairwise_accuracy_table
+from rmlib.core.atomic_io import write_json_atomic, write_table_atomic
+from rmlib.core.precision import resolve_bf16
+from rmlib.data import Loaded, alpaca_eval_pairs
+from rmlib.data.exclusions import EXCLUDED_GENERATORS
+from rmlib.data.schema import PAIR_COLUMNS, pair_row, to_dataset
+from rmlib.model import assets, generation, reward_model, score_cache
+from rmlib.model.assets import load_tokenizer
+from rmlib.model.reward_model import load_reward_model
+from rmlib.reward import variants as variants_mod
+from rmlib.reward.config import RMConfig
+
+logger = logging.getLogger(__name__)
+
+
+GOLD_NAME = "bon_gold"
+
+
+PROXY_PREFIX = "bon_proxy_"
+
+
+BON_SOURCES = ("alpaca_eval", "hh", "mt_bench")
+
+
+ORACLE = "oracle"  # the curve of best-of-n picked BY THE GOLD itself: the best any proxy could do
+
+
+# Proxy variants: the named recipes of rmlib.reward.variants (BT, BSR, GRM, BSR+GRM, ...), so notebooks
+# 03, 04 and 05 train the same thing under the same name.
+VARIANTS = variants_mod.VARIANTS
+
+
+VARIANT_LABELS = {**{name: v.label for name, v in VARIANTS.items()}, ORACLE: "oracle (gold picks)"}
+
+
+# -- names and folders ---------------------------------------------------------------------------
+def proxy_name(variant: str, seed: int) -> str:
+    """Run name of a proxy: ``bon_proxy_<variant>_s<seed>`` (``rmlib.reward.variants.run_name``)."""
+    variants_mod.get_variants([variant])
+    return variants_mod.run_name(variant, int(seed), PROXY_PREFIX)
+
+
+def parse_proxy_name(name: str) -> tuple[str, int]:
+    """(variant, seed) of a proxy run name; ValueError for anything else."""
+    m = re.fullmatch(rf"{PROXY_PREFIX}(?P<variant>.+)_s(?P<seed>\d+)", name)
+    if not m or m["variant"] not in VARIANTS:
+        raise ValueError(f"{name!r} is not a proxy run name ({PROXY_PREFIX}<variant>_s<seed>, variant in "
+                         f"{', '.join(VARIANTS)})")
+    return m["variant"], int(m["seed"])
+
+
+def model_dir(run_dir, name: str) -> Path:
+    """``<run_dir>/models/<name>``: the RMConfig.output_dir of a run (its export is ``final/``)."""
+    return Path(run_dir) / "models" / name
+
+
+def final_dirs(run_dir, variants: Sequence[str], seeds: Sequence[int], include_gold: bool = True) -> dict[str, Path]:
+    """``{name: <run_dir>/models/<name>/final}`` for the gold and every proxy of the grid (existing or not)."""
+    names = ([GOLD_NAME] if include_gold else []) + [proxy_name(v, s) for v in _check_variants(variants)
+                                                     for s in _check_seeds(seeds)]
+    return {n: model_dir(run_dir, n) / "final" for n in names}
+
+
+def trained_models(run_dir) -> dict[str, Path]:
+    """Every FINISHED gold/proxy run under ``<run_dir>/models`` (``final/rmlib_reward.json`` present):
+    ``{name: final folder}``, the gold first, then proxies sorted by name. For later notebooks (RLOO)."""
+    root = Path(run_dir) / "models"
+    found = {}
+    for path in sorted(root.glob("bon_*/final")):
+        name = path.parent.name
+        if (path / "rmlib_reward.json").exists() and (name == GOLD_NAME or name.startswith(PROXY_PREFIX)):
+            found[name] = path
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] != GOLD_NAME, kv[0])))
+
+
+def _check_variants(variants) -> list[str]:
+    variants = list(variants)
+    if not variants:
+        raise ValueError("variants is empty: give at least one of " + ", ".join(VARIANTS))
+    return [v.name for v in variants_mod.get_variants(variants)]
+
+
+def _check_seeds(seeds) -> list[int]:
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ValueError(f"seeds={seeds!r} must be a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r} has repeats")
+    return [int(s) for s in seeds]
+
+
+# -- prompts and the data split -------------------------------------------------------------------
+def prompt_key(messages) -> str:
+    """Identity of a prompt across sources: its (role, stripped content) turns as JSON."""
+    return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
+
+
+def check_disjoint(prompt_sets: Mapping[str, Iterable[str]]) -> None:
+    """Raise ValueError naming the two sets and an example when any two share a prompt key."""
+    sets = {name: set(keys) for name, keys in prompt_sets.items()}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sets[a] & sets[b]
+            if common:
+                raise ValueError(f"prompt sets {a!r} and {b!r} share {len(common)} prompt(s), e.g. "
+                                 f"{sorted(common)[0][:120]!r}")
+
+
+@dataclass
+class GoldSplit:
+    """Who trains and who is evaluated on which prompts (all three prompt sets pairwise disjoint)."""
+
+    bon_prompts: pd.DataFrame   # prompt_id, messages, source, category: the Best-of-N evaluation prompts
+    gold_train: Dataset         # normalized pairs, original (GPT-4 / human) labels: trains the gold
+    proxy_pool: Dataset         # normalized pairs, original labels: the gold relabels them for the proxies
+    prompts: dict[str, set[str]]  # "bon" | "gold" | "proxy" -> prompt keys
+    config: dict = field(default_factory=dict)
+
+    def sizes(self) -> pd.DataFrame:
+        """Pairs and distinct prompts per part and source."""
+        rows = []
+        for part, ds in (("gold_train", self.gold_train), ("proxy_pool", self.proxy_pool)):
+            frame = pd.DataFrame({"source": ds["source"], "key": [prompt_key(p) for p in ds["prompt"]]})
+            for source, g in frame.groupby("source", sort=True):
+                rows.append({"part": part, "source": source, "pairs": len(g), "prompts": g["key"].nunique()})
+        for source, g in self.bon_prompts.groupby("source", sort=True):
+            rows.append({"part": "bon_eval", "source": source, "pairs": 0, "prompts": len(g)})
+        return pd.DataFrame(rows, columns=["part", "source", "pairs", "prompts"])
+
+
+def save_prompt_sets(split: GoldSplit, folder) -> dict[str, Path]:
+    """Write the prompt keys (``prompt_key`` strings, sorted JSON lists) for later notebooks:
+    ``rm_training_prompts.json`` (every prompt the gold or a proxy trained on: keep them out of
+    RLOO prompts, e.g. notebook 05's ``exclude_prompts_file``) and ``bon_prompts.json``."""
+    folder = Path(folder)
+    out = {"rm_training_prompts": folder / "rm_training_prompts.json", "bon_prompts": folder / "bon_prompts.json"}
+    write_json_atomic(out["rm_training_prompts"], sorted(split.prompts["gold"] | split.prompts["proxy"]))
+    write_json_atomic(out["bon_prompts"], sorted(split.prompts["bon"]))
+    return out
+
+
+def _subsample(ds: Dataset, k: int, rng: np.random.Generator, what: str) -> Dataset:
+    if k > len(ds):
+        raise ValueError(f"{what}={k} exceeds the {len(ds)} pairs available on that side's prompts (raise "
+                         "max_pairs_per_prompt or move prompt_frac_gold)")
+    return ds.select(np.sort(rng.choice(len(ds), k, replace=False)).tolist()) if k < len(ds) else ds
+
+
+def _split_keys(keys: list, frac: float, rng: np.random.Generator) -> tuple[list, list]:
+    order = rng.permutation(len(keys))
+    k = int(round(frac * len(keys)))
+    return [keys[i] for i in order[:k]], [keys[i] for i in order[k:]]
+
+
+def _check_count(name: str, value, minimum: int = 0) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def make_gold_split(responses, hh_pairs: Dataset | None = None, mt_bench_questions: Dataset | None = None, *,
+                    bon_source: str = "alpaca_eval", n_bon_prompts: int = 24, n_gold_alpaca: int = 300,
+                    n_gold_hh: int = 200, n_proxy_alpaca: int = 80, n_proxy_hh: int = 48,
+                    prompt_frac_gold: float = 0.6, max_pairs_per_prompt: int | None = 4, seed: int = 0,
+                    exclude_generators: Mapping[str, str] | None = None) -> GoldSplit:
+    """Disjoint prompts for Best-of-N evaluation, the gold's training pairs and the proxies' pool.
+
+    responses: ``load_alpaca_eval_responses()`` (Loaded or Dataset); hh_pairs: ``load_hh_rlhf()``
+    pairs (needed when n_gold_hh, n_proxy_hh > 0 or bon_source == "hh"); mt_bench_questions:
+    ``load_mt_bench_questions()`` (needed for bon_source == "mt_bench"; first turns are used).
+
+    1. ``n_bon_prompts`` prompts of ``bon_source`` are set aside for Best-of-N (random, by ``seed``).
+    2. The other AlpacaEval prompts (and HH prompts) are split at random: ``prompt_frac_gold`` to
+       the gold, the rest to the proxy pool.
+    3. AlpacaEval (win, loss) pairs (GPT-4 judged, same prompt, at most ``max_pairs_per_prompt``
+       per prompt, generators of ``EXCLUDED_GENERATORS`` left out) and HH pairs are drawn on each
+       side: ``n_gold_*`` for the gold, ``n_proxy_*`` for the pool. A count above what a side
+       holds raises ValueError naming the parameter.
+    """
+
+    if bon_source not in BON_SOURCES:
+        raise ValueError(f"bon_source={bon_source!r} is not allowed; allowed: {', '.join(BON_SOURCES)}")
+    n_bon_prompts = _check_count("n_bon_prompts", n_bon_prompts, 1)
+    counts = {k: _check_count(k, v) for k, v in dict(n_gold_alpaca=n_gold_alpaca, n_gold_hh=n_gold_hh,
+                                                     n_proxy_alpaca=n_proxy_alpaca, n_proxy_hh=n_proxy_hh).items()}
+    if counts["n_gold_alpaca"] + counts["n_gold_hh"] < 1 or counts["n_proxy_alpaca"] + counts["n_proxy_hh"] < 1:
+        raise ValueError("the gold (n_gold_alpaca + n_gold_hh) and the proxy pool (n_proxy_alpaca + n_proxy_hh) "
+                         "each need at least one pair")
+    if not (isinstance(prompt_frac_gold, (int, float)) and 0 < prompt_frac_gold < 1):
+        raise ValueError(f"prompt_frac_gold must be in (0, 1), got {prompt_frac_gold!r}")
+    if max_pairs_per_prompt is not None:
+        _check_count("max_pairs_per_prompt", max_pairs_per_prompt, 1)
+    needs_hh = counts["n_gold_hh"] + counts["n_proxy_hh"] > 0 or bon_source == "hh"
+    if needs_hh and hh_pairs is None:
+        raise ValueError("hh_pairs is needed (n_gold_hh / n_proxy_hh > 0 or bon_source='hh'): pass "
+                         "load_hh_rlhf().dataset")
+    if bon_source == "mt_bench" and mt_bench_questions is None:
+        raise ValueError("bon_source='mt_bench' needs mt_bench_questions=load_mt_bench_questions().dataset")
+    config = dict(bon_source=bon_source, n_bon_prompts=n_bon_prompts, **counts, prompt_frac_gold=prompt_frac_gold,
+                  max_pairs_per_prompt=max_pairs_per_prompt, seed=seed)
+    rng = np.random.default_rng(seed)
+    bon_rows: list[dict] = []
+
+    # AlpacaEval: prompts -> (bon) / gold / proxy, then (win, loss) pairs on each side
+    if isinstance(responses, Loaded):
+        responses = responses.dataset
+    exclude = EXCLUDED_GENERATORS if exclude_generators is None else dict(exclude_generators)
+    meta = responses.select_columns(["prompt_id", "instruction", "category", "generator"]).to_pandas()
+    generators = sorted(set(meta["generator"]) - set(exclude))
+    firsts = meta.drop_duplicates("prompt_id").sort_values("prompt_id")
+    alpaca_ids = firsts["prompt_id"].tolist()
+    order = rng.permutation(len(alpaca_ids))
+    alpaca_ids = [alpaca_ids[i] for i in order]
+    if bon_source == "alpaca_eval":
+        if n_bon_prompts >= len(alpaca_ids):
+            raise ValueError(f"n_bon_prompts={n_bon_prompts} leaves no AlpacaEval prompt for training "
+                             f"({len(alpaca_ids)} prompts)")
+        by_id = firsts.set_index("prompt_id")
+        for pid in alpaca_ids[:n_bon_prompts]:
+            bon_rows.append({"prompt_id": f"alpaca_eval:{pid}",
+                             "messages": [{"role": "user", "content": by_id.loc[pid, "instruction"]}],
+                             "source": "alpaca_eval", "category": by_id.loc[pid, "category"]})
+        alpaca_ids = alpaca_ids[n_bon_prompts:]
+    gold_p, proxy_p = _split_keys(alpaca_ids, prompt_frac_gold, rng)
+    parts = {"gold": [], "proxy": []}
+    for side, prompts in (("gold", gold_p), ("proxy", proxy_p)):
+        k = counts[f"n_{side}_alpaca"]
+        if k:
+            pairs = alpaca_eval_pairs(responses, prompts=prompts, generators=generators,
+                                      max_pairs_per_prompt=max_pairs_per_prompt, seed=seed)
+            parts[side].append(_subsample(pairs, k, rng, f"n_{side}_alpaca"))
+
+    # HH-RLHF: pairs grouped by prompt, so one prompt never lands on two sides
+    if needs_hh:
+        keys = [prompt_key(p) for p in hh_pairs["prompt"]]
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        hh_keys = sorted(groups)
+        hh_keys = [hh_keys[i] for i in rng.permutation(len(hh_keys))]
+        if bon_source == "hh":
+            if n_bon_prompts >= len(hh_keys):
+                raise ValueError(f"n_bon_prompts={n_bon_prompts} leaves no HH prompt for training ({len(hh_keys)})")
+            for key in hh_keys[:n_bon_prompts]:
+                first = groups[key][0]
+                bon_rows.append({"prompt_id": f"hh:{hh_pairs[first]['id']}", "messages": hh_pairs[first]["prompt"],
+                                 "source": "hh-rlhf", "category": hh_pairs[first]["category"]})
+            hh_keys = hh_keys[n_bon_prompts:]
+        gold_k, proxy_k = _split_keys(hh_keys, prompt_frac_gold, rng)
+        for side, side_keys in (("gold", gold_k), ("proxy", proxy_k)):
+            k = counts[f"n_{side}_hh"]
+            if k:
+                rows = sorted(i for key in side_keys for i in groups[key])
+                parts[side].append(_subsample(hh_pairs.select(rows), k, rng, f"n_{side}_hh"))
+
+    if bon_source == "mt_bench":
+        q = mt_bench_questions
+        if n_bon_prompts > len(q):
+            raise ValueError(f"n_bon_prompts={n_bon_prompts} exceeds the {len(q)} MT-Bench questions")
+        for i in sorted(rng.choice(len(q), n_bon_prompts, replace=False).tolist()):
+            bon_rows.append({"prompt_id": f"mt_bench:{q[i]['question_id']}",
+                             "messages": [{"role": "user", "content": q[i]["turns"][0]}],
+                             "source": "mt_bench", "category": q[i]["category"]})
+
+    gold_train = concatenate_datasets(parts["gold"]).select_columns(PAIR_COLUMNS)
+    proxy_pool = concatenate_datasets(parts["proxy"]).select_columns(PAIR_COLUMNS)
+    bon_prompts = pd.DataFrame(bon_rows, columns=["prompt_id", "messages", "source", "category"])
+    prompts = {"bon": {prompt_key(m) for m in bon_prompts["messages"]},
+               "gold": {prompt_key(p) for p in gold_train["prompt"]},
+               "proxy": {prompt_key(p) for p in proxy_pool["prompt"]}}
+    check_disjoint(prompts)
+    split = GoldSplit(bon_prompts, gold_train, proxy_pool, prompts, config)
+    logger.info("gold split (seed %d):\n%s", seed, split.sizes().to_string(index=False))
+    return split
+
+
+# -- relabeling by the gold ------------------------------------------------------------------------
+@dataclass
+class Relabeled:
+    """Pairs relabeled by the gold and what happened to each input pair."""
+
+    pairs: Dataset          # chosen = the reply the gold scores higher; chosen_score / rejected_score = gold scores
+    n_in: int
+    n_flipped: int          # the gold prefers the originally rejected reply (chosen/rejected swapped)
+    dropped: dict[str, list[str]]  # reason -> pair ids: "tie" (|gold difference| <= tie_tol), "unscored" (NaN)
+
+    @property
+    def n_ties(self) -> int:
+        return len(self.dropped.get("tie", []))
+
+    @property
+    def n_unscored(self) -> int:
+        return len(self.dropped.get("unscored", []))
+
+    @property
+    def agreement(self) -> float:
+        """Share of the kept pairs on which the gold agrees with the original label."""
+        kept = len(self.pairs)
+        return (kept - self.n_flipped) / kept if kept else math.nan
+
+    def report(self) -> dict:
+        return {"pairs_in": self.n_in, "kept": len(self.pairs), "flipped": self.n_flipped,
+                "dropped_ties": self.n_ties, "dropped_unscored": self.n_unscored,
+                "agreement_with_original_labels": self.agreement}
+
+
+def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float = 0.0) -> Relabeled:
+    """Relabel pairs with gold scores of their (original) chosen and rejected replies.
+
+    The new chosen is the reply with the HIGHER gold score; ``chosen_score``/``rejected_score`` hold
+    the gold scores (generators swapped along). A pair with |s_c - s_r| <= ``tie_tol`` is a tie and a
+    pair with a NaN score (e.g. replies identical after truncation) cannot be labeled: both are
+    dropped and counted by reason, never kept silently. Ids and all other fields are kept.
+    """
+    c = np.asarray(chosen_scores, dtype=float)
+    r = np.asarray(rejected_scores, dtype=float)
+    if c.shape != (len(pairs),) or r.shape != (len(pairs),):
+        raise ValueError(f"need one gold score per pair and side: {len(pairs)} pairs, got {c.shape} and {r.shape}")
+    if not (isinstance(tie_tol, (int, float)) and tie_tol >= 0):
+        raise ValueError(f"tie_tol must be a number >= 0, got {tie_tol!r}")
+    rows, dropped, flipped = [], {"tie": [], "unscored": []}, 0
+    for row, sc, sr in zip(pairs.to_list(), c, r):
+        if not (np.isfinite(sc) and np.isfinite(sr)):
+            dropped["unscored"].append(row["id"])
+            continue
+        if abs(sc - sr) <= tie_tol:
+            dropped["tie"].append(row["id"])
+            continue
+        if sr > sc:  # the gold prefers the originally rejected reply
+            flipped += 1
+            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"],
+                   "chosen_generator": row["rejected_generator"], "rejected_generator": row["chosen_generator"]}
+            sc, sr = sr, sc
+        rows.append(pair_row(**{**{k: row[k] for k in PAIR_COLUMNS}, "chosen_score": float(sc),
+                                "rejected_score": float(sr)}))
+    out = Relabeled(to_dataset(rows), len(pairs), flipped, {k: v for k, v in dropped.items() if v})
+    logger.info("relabeled %d pairs by the gold: %s", len(pairs), out.report())
+    return out
+
+
+def score_pairs_cached(final_dir, pairs: Dataset, path, max_length: int = 256, batch_size: int = 8,
+                       bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Rewards of every pair's chosen and rejected reply by the reward model in ``final_dir``
+    (``rmlib.analysis.benchmarks.model_pair_scorer``: prompt cut from the left; replies identical after truncation
+    get NaN). Cached in ``path`` (CSV: id, chosen, rejected, model, max_length); the cache is used
+    only when the model (``reward_model.model_digest``), max_length and pair ids all match."""
+
+    path, digest, ids = Path(path), reward_model.model_digest(final_dir), list(pairs["id"])
+    if path.exists():
+        old = pd.read_csv(path, dtype={"id": str, "model": str})
+        if (len(old) == len(ids) and old["id"].tolist() == ids and (old["model"] == digest).all()
+                and (old["max_length"] == max_length).all()):
+            return old
+    model, tok = load_reward_model(final_dir), load_tokenizer(final_dir)
+    c, r = model_pair_scorer(model, tok, max_length, batch_size, bf16, progress)(pairs)
+    out = pd.DataFrame({"id": ids, "chosen": c, "rejected": r, "model": digest, "max_length": max_length})
+    write_table_atomic(path, out)
+    del model
+    gc.collect()
+    return out
+
+
+def gold_quality_table(pairs: Dataset, chosen_scores, rejected_scores, n_boot: int = 1000,
+                       seed: int = 0) -> pd.DataFrame:
+    """The gold's pairwise accuracy against the ORIGINAL labels of held-out pairs, by source
+    (alpaca_eval: GPT-4 judgments; hh-rlhf: human), ties and NaN counted wrong, 95% bootstrap CI."""
+
+    table = pairwise_accuracy_table(chosen_scores, rejected_scores, list(pairs["source"]), n_boot=n_boot, seed=seed)
+    labels = {"alpaca_eval": "alpaca_eval (vs GPT-4)", "hh-rlhf/harmless-base": "hh-rlhf (vs human)"}
+    return table.assign(category=table["category"].map(lambda c: labels.get(c, c))).rename(
+        columns={"category": "held_out_set"})
+
+
+# -- training configs -------------------------------------------------------------------------------
+def gold_config(run_dir, **train_kw):
+    """RMConfig of the gold (BT loss, linear head) in ``<run_dir>/models/bon_gold``; ``train_kw``:
+    any RMConfig field (backbone, mode, top_k_layers, num_train_epochs, learning_rate, ...)."""
+
+    bad = {"output_dir", "loss", "regularizer"} & set(train_kw)
+    if bad:
+        raise ValueError(f"gold_config sets {sorted(bad)} itself")
+    return RMConfig(output_dir=str(model_dir(run_dir, GOLD_NAME)), loss="bt", regularizer="none", **train_kw)
+
+
+def check_gold_seed(gold_seed: int, proxy_seeds: Sequence[int]) -> int:
+    """The gold's seed must differ from every proxy seed: the seed fixes the reward head's
+    initialization, and a proxy starting where the gold started would agree with it for free."""
+    if not isinstance(gold_seed, (int, np.integer)) or isinstance(gold_seed, bool) or gold_seed < 0:
+        raise ValueError(f"gold_seed must be an integer >= 0, got {gold_seed!r}")
+    if gold_seed in set(_check_seeds(proxy_seeds)):
+        raise ValueError(f"gold_seed={gold_seed} is also a proxy seed ({list(proxy_seeds)}): the gold and that proxy "
+                         "would share their head initialization; pick another gold_seed")
+    return int(gold_seed)
+
+
+def proxy_configs(run_dir, variants: Sequence[str], seeds: Sequence[int], *, grm_alpha: float = 0.01,
+                  grm_beta: float = 0.1, **train_kw) -> dict:
+    """``{proxy name: RMConfig}`` for every (variant, seed) (``rmlib.reward.variants.variant_config``, BSR's
+    lambda given in the official convention and scaled by the batch) + the shared ``train_kw``
+    (backbone, head, mode, top_k_layers, lr, batch size, epochs, max_length, ...).
+    grm_alpha / grm_beta: GRM's (1 - alpha) L_reward + alpha L_reg and the beta inside its SFT term."""
+    variants, seeds = _check_variants(variants), _check_seeds(seeds)
+    bad = {"output_dir", "loss", "loss_params", "regularizer", "alpha", "beta", "seed"} & set(train_kw)
+    if bad:
+        raise ValueError(f"proxy_configs sets {sorted(bad)} itself (use variants, grm_alpha, grm_beta, seeds)")
+    for name, value in (("grm_alpha", grm_alpha), ("grm_beta", grm_beta)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not grm_alpha < 1:
+        raise ValueError(f"grm_alpha must be < 1 (GRM: (1 - alpha) L_reward + alpha L_reg), got {grm_alpha!r}")
+    return {proxy_name(v, s): variants_mod.variant_config(v, s, run_dir, PROXY_PREFIX, alpha=float(grm_alpha),
+                                                         beta=float(grm_beta), **train_kw)
+            for v in variants for s in seeds}
+
+
+def train_grid(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None) -> pd.DataFrame:
+    """Train (or reuse) every config in turn (``rmlib.reward.variants.train_configs``); one row per run:
+    name, variant, seed, final_dir, train_pairs, steps, train_seconds, pairs_per_second, train_loss,
+    eval_accuracy (with ``eval_pairs``), wall_seconds (small when a finished run was reused)."""
+    rows = []
+    for name, config in configs.items():
+        t0 = time.perf_counter()
+        result = variants_mod.train_configs({name: config}, train_pairs, eval_pairs)[name]
+        wall = time.perf_counter() - t0
+        variant, seed = parse_proxy_name(name) if name.startswith(PROXY_PREFIX) else ("gold", config.seed)
+        m = result.metrics
+        rows.append({"name": name, "variant": variant, "seed": seed, "final_dir": str(result.final_dir),
+                     "train_pairs": m.get("train_pairs"), "steps": m.get("steps"),
+                     "train_seconds": m.get("train_seconds"), "pairs_per_second": m.get("pairs_per_second"),
+                     "train_loss": m.get("train_loss"), "eval_accuracy": m.get("eval_accuracy", math.nan),
+                     "wall_seconds": wall})
+    return pd.DataFrame(rows)
+
+
+# -- sampling and scoring ---------------------------------------------------------------------------
+def policy_slug(policy: str) -> str:
+    """A folder-safe name for a policy (short name, path or hub id)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(policy)).strip("_") or "policy"
+
+
+def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_size: int = 32,
+                  max_new_tokens: int = 96, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
+                  bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """N samples per BoN prompt from ``policy`` with its chat template (``generation.sample_responses``:
+    resumable, per-sample seeds). The policy loads in bf16 when ``bf16`` resolves true (``rmlib.core.precision``; no per-step
+    weight casts)."""
+
+
+    if not {"prompt_id", "messages"} <= set(prompts.columns):
+        raise ValueError("prompts needs prompt_id and messages columns (GoldSplit.bon_prompts)")
+
+    bf16 = resolve_bf16(bf16)
+    tok = assets.load_tokenizer(policy)
+    model = assets.load_causal_lm(policy, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    try:
+        return generation.sample_responses(model, tok, [list(m) for m in prompts["messages"]], list(prompts["prompt_id"]),
+                                    n=n, out_path=out_path, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed, bf16=bf16, progress=progress)
+    finally:
+        del model
+        gc.collect()
+
+
+def score_with_all(model_dirs: Mapping[str, Path], samples: pd.DataFrame, cache_path, max_length: int | None = None,
+                   batch_size: int = 16, bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Score every sample with every saved reward model (gold and proxies), one model at a time
+    (``score_cache.score_samples_multi``): the top-k models share the bottom store, so the samples' frozen
+    bottom runs once in all. Cached per model version in ``cache_path``. Returns prompt_id,
+    sample_index and one column per model name."""
+
+    missing = [n for n, p in model_dirs.items() if not (Path(p) / "rmlib_reward.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no finished reward model for {missing} (train them first)")
+    keys = {n: f"{n}@{reward_model.model_digest(p)}" for n, p in model_dirs.items()}
+    tokenizer = load_tokenizer(next(iter(model_dirs.values())))
+    return score_cache.score_samples_multi({n: Path(p) for n, p in model_dirs.items()}, tokenizer, samples, cache_path,
+                                   batch_size=batch_size, bf16=bf16, max_length=max_length, cache_keys=keys,
+                                   progress=progress)
+
+
+def save_meta(path, **parts) -> Path:
+    """Write the run's bookkeeping (split sizes, relabel report, timings, config) as JSON, atomically."""
+    def plain(x):
+        if isinstance(x, pd.DataFrame):
+            return json.loads(x.to_json(orient="records"))
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.integer, np.floating, np.bool_)):
+            return x.item()
+        if isinstance(x, Path):
+            return str(x)
+        return x
+
+    return write_json_atomic(path, plain(parts))

@@ -1,0 +1,138 @@
+"""TODO docstring (models, rloo)"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmlib.core.precision import autocast
+from rmlib.model.encoding import pad_sequences
+from rmlib.model.layers import unwrap_causal_lm
+
+
+def response_logps(
+    lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed log pi(y_t | x, y_<t) over response tokens: (N,). Only response positions hit the LM head."""
+    n, t = input_ids.shape
+    target_mask = response_mask[:, 1:].bool()  # token t is predicted at position t-1
+    h = hidden[:, :-1][target_mask]  # (M, H)
+    targets = input_ids[:, 1:][target_mask]  # (M,)
+    logits = lm_head(h).float()  # (M, V)
+    token_logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    rows = torch.arange(n, device=input_ids.device)[:, None].expand(n, t - 1)[target_mask]
+    return torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logp)
+
+
+def _completion_hidden(model, prompt_ids, completion_ids, bf16: bool):
+    """Final hidden states at the positions that predict completion tokens, for one batch.
+
+    Returns h (M, H), the predicted tokens y (M,) and each position's row (M,). Sequences are
+    right-padded, so positions run 0..L-1 as during generation; ``model`` may be peft-wrapped
+    (its layers carry the adapters, active unless disabled)."""
+    inner = unwrap_causal_lm(model)
+    device = next(inner.parameters()).device
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    resp = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
+    batch = pad_sequences(seqs, resp, pad_token_id=0, pad_to_multiple_of=None)
+    input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with autocast(device, bf16):
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
+    target = batch["response_mask"][:, 1:].bool().to(device)  # token t is predicted at position t-1
+    row = torch.arange(len(seqs), device=device)[:, None].expand_as(target)[target]
+    return hidden[:, :-1][target], input_ids[:, 1:][target], row
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
+                     batch_size: int = 16, bf16: bool | str = "auto", chunk_tokens: int = 2048) -> np.ndarray:
+    """sum_t log softmax(logits / T)[y_t] over each completion's tokens, given its prompt: (N,) float64.
+    Only completion positions go through the LM head, ``chunk_tokens`` at a time."""
+    lm_head = unwrap_causal_lm(model).get_output_embeddings()
+    result = np.zeros(len(prompt_ids), np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prompt_ids))))
+            h, y, row = _completion_hidden(model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                           bf16)
+            logp = torch.zeros(len(rows), dtype=torch.float64, device=h.device)
+            with autocast(h.device, bf16):
+                for c in range(0, h.shape[0], chunk_tokens):
+                    logits = lm_head(h[c : c + chunk_tokens]).float() / temperature  # (m, V)
+                    tok = logits.log_softmax(-1).gather(-1, y[c : c + chunk_tokens, None]).squeeze(-1)
+                    logp.index_add_(0, row[c : c + chunk_tokens], tok.double())
+            result[rows] = logp.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def completion_kl(policy, prompt_ids: list[list[int]], completion_ids: list[list[int]], reference=None,
+                  temperature: float = 1.0, batch_size: int = 16, chunk_tokens: int = 512) -> dict[str, np.ndarray]:
+    """Two per-completion KL estimates for completions y sampled from ``policy`` (pi) given x:
+
+        kl_k1 = sum_t [log pi_T(y_t | x, y_<t) - log pi_ref,T(y_t | x, y_<t)]
+        kl    = sum_t KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t))   (exact over the vocabulary)
+
+    Over y ~ pi_T both have expectation KL(pi_T(.|x) || pi_ref,T(.|x)) (chain rule); ``kl`` sums
+    non-negative terms and has lower variance, since only the prefixes y_<t are sampled.
+    ``reference``: the initial policy, or None for a peft policy with its adapters disabled.
+    Computed in float32 (``float32_weights``), so rounding adds nothing to the sampling noise.
+    Returns ``{"kl", "kl_k1", "logp", "ref_logp"}``, each (N,) float64."""
+    if reference is None and not hasattr(policy, "disable_adapter"):
+        raise ValueError("completion_kl needs a reference model unless the policy is a peft model")
+    out = {k: np.zeros(len(prompt_ids), np.float64) for k in ("kl", "kl_k1", "logp", "ref_logp")}
+    head = unwrap_causal_lm(policy).get_output_embeddings()
+    ref_head = unwrap_causal_lm(reference).get_output_embeddings() if reference is not None else head
+    was_training = policy.training
+    policy.eval()
+    try:
+        with float32_weights(policy, reference):
+            for start in range(0, len(prompt_ids), batch_size):
+                rows = list(range(start, min(start + batch_size, len(prompt_ids))))
+                p_ids, c_ids = [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]
+                h, y, row = _completion_hidden(policy, p_ids, c_ids, bf16=False)
+                if reference is None:
+                    with policy.disable_adapter():
+                        h_ref = _completion_hidden(policy, p_ids, c_ids, bf16=False)[0]
+                else:
+                    h_ref = _completion_hidden(reference, p_ids, c_ids, bf16=False)[0].to(h.device)
+                sums = {k: torch.zeros(len(rows), dtype=torch.float64, device=h.device) for k in out}
+                for c in range(0, h.shape[0], chunk_tokens):
+                    sl = slice(c, c + chunk_tokens)
+                    lp = (head(h[sl]).float() / temperature).log_softmax(-1)  # (m, V)
+                    lr = (ref_head(h_ref[sl]).float() / temperature).log_softmax(-1)
+                    tok_p = lp.gather(-1, y[sl, None]).squeeze(-1)
+                    tok_r = lr.gather(-1, y[sl, None]).squeeze(-1)
+                    parts = {"kl": (lp.exp() * (lp - lr)).sum(-1), "kl_k1": tok_p - tok_r, "logp": tok_p,
+                             "ref_logp": tok_r}
+                    for k, v in parts.items():
+                        sums[k].index_add_(0, row[sl], v.double())
+                for k in out:
+                    out[k][rows] = sums[k].cpu().numpy()
+    finally:
+        policy.train(was_training)
+    return out
+
+
+@contextlib.contextmanager
+def float32_weights(*models):
+    """Temporarily hold every bf16/fp16 parameter and buffer of ``models`` in float32; restored
+    exactly on exit (bf16 -> fp32 -> bf16 is lossless; the Parameter objects, hence the optimizer's
+    references, are kept). For log-probs whose sums over many tokens bf16 rounding would blur."""
+    low = [t for m in models if m is not None for t in (*m.parameters(), *m.buffers())
+           if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in low]
+    for t in low:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, d in zip(low, dtypes):
+            t.data = t.data.to(d)

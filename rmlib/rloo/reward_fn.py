@@ -1,0 +1,111 @@
+"""TODO docstring (rloo)"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rmlib.core.atomic_io import read_json
+from rmlib.core.precision import resolve_bf16
+from rmlib.model import assets
+from rmlib.model.encoding import sample_sequences
+from rmlib.model.reward_model import load_reward_model
+from rmlib.model.scoring import score_token_sequences
+
+logger = logging.getLogger(__name__)
+
+
+# -- reward models as TRL reward functions ------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _tokenizer(name_or_path: str, version: int = 0):
+    """``assets.load_tokenizer``, loaded once per (name, ``version``: the files' mtime) in a
+    process; callers must not modify it (copy first)."""
+    return assets.load_tokenizer(name_or_path)
+
+
+def _version(folder) -> int:
+    f = Path(folder) / "tokenizer_config.json"
+    return f.stat().st_mtime_ns if f.exists() else 0
+
+
+def _rm_tokenizer(path: Path):
+    if (path / "tokenizer_config.json").exists():
+        return _tokenizer(str(path.resolve()), _version(path))
+    meta = read_json(path / "rmlib_reward.json")
+    base = meta.get("base_model") or assets.DEFAULT_MODEL
+    logger.info("%s has no tokenizer; using the base model's (%s)", path, base)
+    return _tokenizer(base)
+
+
+def check_reward_model_dir(path, role: str = "reward model", hint: str = "") -> Path:
+    """``path`` as a Path if it holds an rmlib reward model (``rmlib_reward.json``); else a
+    FileNotFoundError naming the folder, its role, and ``hint`` (what produces it)."""
+    p = Path(path)
+    if not (p / "rmlib_reward.json").exists():
+        what = "does not exist" if not p.exists() else "is not an rmlib reward model (no rmlib_reward.json)"
+        raise FileNotFoundError(f"{role} folder {p} {what}" + (f"; {hint}" if hint else ""))
+    return p
+
+
+class RewardModelFunction:
+    """An rmlib reward model as a TRL reward function: ``f(prompts, completions, **kw) -> list[float]``.
+
+    ``prompts``: chat messages per row; ``completions``: TRL's conversational completions
+    (``[{"role": "assistant", "content": text}]``) or plain strings. The RM scores
+    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.encoding.sample_sequences``),
+    the prompt cut from the left at ``max_length``. Not an ``nn.Module`` on purpose: TRL would
+    then re-tokenize with its own pooling (first pad id), which is wrong when pad == eos.
+    """
+
+    def __init__(self, model, tokenizer, name: str = "reward", max_length: int | None = 512, batch_size: int = 16,
+                 bf16: bool | str = "auto"):
+        if max_length is not None and max_length < 16:
+            raise ValueError(f"max_length={max_length} must be >= 16 (or None: no truncation)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.__name__ = name  # TRL logs rewards/<name>/mean
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.bf16 = resolve_bf16(bf16, next(model.parameters()).device)
+
+    @classmethod
+    def from_dir(cls, path, name: str = "reward", device=None, hint: str = "", dtype: torch.dtype | None = None,
+                 **kwargs) -> "RewardModelFunction":
+        """Load a folder written by ``rmlib.model.reward_model.save_reward_model`` (any head, GRM included).
+        ``dtype``: default bfloat16 when ``bf16`` resolves true (the saved precision; no casts per call), else float32."""
+
+        path = check_reward_model_dir(path, name, hint)
+        if dtype is None:
+            dtype = torch.bfloat16 if resolve_bf16(kwargs.get("bf16", "auto"), device) else torch.float32
+        model = load_reward_model(path, dtype=dtype)
+        if device is not None:
+            model.to(device)
+        return cls(model, _rm_tokenizer(path), name=name, **kwargs)
+
+    def score(self, prompts: list[list[dict]], replies: list[str], progress: bool = False) -> np.ndarray:
+        """Rewards of (messages, reply text) rows, in order: (N,) float32."""
+        if len(prompts) != len(replies):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+        if not len(prompts):
+            return np.zeros(0, np.float32)
+        for p in prompts:
+            if not (isinstance(p, list) and p and isinstance(p[0], dict)):
+                raise TypeError(f"prompts must be chat messages (lists of {{'role', 'content'}} dicts), got {p!r:.80}")
+        keys = [json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts]
+        frame = pd.DataFrame({"prompt_id": keys, "sample_index": range(len(keys)), "messages": list(prompts),
+                              "response": list(replies)})
+        seqs = sample_sequences(self.tokenizer, frame, self.max_length)
+        return score_token_sequences(self.model, seqs, batch_size=self.batch_size, bf16=self.bf16,
+                                     progress=progress, desc=f"scoring ({self.__name__})")
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        replies = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        return [float(x) for x in self.score(list(prompts), replies)]
