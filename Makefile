@@ -46,8 +46,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
 
+## JupyterLab on notebooks/ (as root, e.g. in a container, with --allow-root: Jupyter refuses root otherwise)
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(ALLOW_ROOT)
 
 clean-runs:
 	rm -rf runs/
