@@ -36,7 +36,14 @@ from pathlib import Path
 import yaml
 
 from rmlib.core.paths import REPO_ROOT, in_repo
-from rmlib.pipeline.presets import NOTEBOOK_DIR, PresetError, check_machine, check_parameters, load_preset, notebook_parameters
+from rmlib.pipeline.presets import (
+    NOTEBOOK_DIR,
+    PresetError,
+    check_machine,
+    check_parameters,
+    load_preset,
+    notebook_parameters,
+)
 
 # where the run folder goes; set by the run itself when an override changes a value
 LOCATION_PARAMS = ("run_dir", "figures_dir")

@@ -356,8 +356,8 @@ def test_cli_flags_default_to_rmconfig_defaults_and_take_loss_params_as_json(tmp
     with pytest.raises(ValueError, match="lam"):  # validated like RMConfig(...)
         cli.parser().parse_args_into_dataclasses(
             args=["--output_dir", out, "--loss", "bsr", "--loss_params", '{"lambda": 0.001}'])
-    for bad in ("{lam: 0.001}", "[0.001]"):  # not a JSON object: argparse's usage error
-        with pytest.raises(SystemExit):
+    for bad, message in (("{lam: 0.001}", "loss_params: not valid JSON"), ("[0.001]", "loss_params must be a JSON object")):
+        with pytest.raises(ValueError, match=message):
             cli.parser().parse_args_into_dataclasses(args=["--output_dir", out, "--loss_params", bad])
 
 

@@ -28,6 +28,25 @@ def _tau_reference(x, y):
     return s / math.sqrt(nx * ny) if nx and ny else math.nan
 
 
+def _tau_handwritten(x, y, block_elements: int = 4_000_000):
+    """rmlib's hand-written tau-b before it used scipy: exact pair count in (block, n) row slabs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    if n < 2:
+        return math.nan
+    s = untied_x = untied_y = 0
+    block = max(1, block_elements // n)
+    for start in range(0, n, block):
+        dx = np.sign(x[start : start + block, None] - x[None, :]).astype(np.int8)  # (b, n)
+        dy = np.sign(y[start : start + block, None] - y[None, :]).astype(np.int8)
+        s += int((dx.astype(np.int64) * dy).sum())
+        untied_x += int(np.count_nonzero(dx))
+        untied_y += int(np.count_nonzero(dy))
+    if untied_x == 0 or untied_y == 0:
+        return math.nan
+    return float((s / 2) / math.sqrt((untied_x / 2) * (untied_y / 2)))
+
+
 def _num(text: str) -> float:
     """Stub reward: the number at the end of a reply ("... 3" -> 3.0)."""
     return float(text.rsplit(" ", 1)[-1])
@@ -101,27 +120,43 @@ class TestKendall:
             got = stats.kendall_tau_b(x, y)
             assert (math.isnan(ref) and math.isnan(got)) or got == pytest.approx(ref)
 
-    def test_blocks_give_the_same_answer(self, monkeypatch):
+    def test_large_n_matches_plain_loop(self):
         rng = np.random.default_rng(2)
         x, y = rng.normal(size=300), rng.integers(0, 5, 300).astype(float)
-        whole = stats.kendall_tau_b(x, y)
-        monkeypatch.setattr(stats, "TAU_BLOCK_ELEMENTS", 1000)  # 3 rows per slab
-        assert stats.kendall_tau_b(x, y) == pytest.approx(whole) == pytest.approx(_tau_reference(x, y))
+        assert stats.kendall_tau_b(x, y) == pytest.approx(_tau_reference(x, y))
 
-    def test_per_prompt_skips_and_counts(self):
+    def test_scipy_matches_the_hand_written_version(self):
+        """Same values and the same NaNs (n < 2, constant x or y) as the numpy code it replaced."""
+        rng = np.random.default_rng(3)
+        cases = [([], []), ([1.0], [2.0]), ([5, 5], [1, 2]), ([1, 2, 3], [1, 1, 1]), ([4, 4, 4], [4, 4, 4])]
+        for n in (2, 3, 4, 7, 16, 33, 34, 100):  # scipy's exact p-value path (n <= 33, no ties) and beyond
+            cases += [(rng.integers(0, k, n), rng.integers(0, 3, n)) for k in (1, 2, 5)]
+            cases += [(rng.normal(size=n), rng.normal(size=n)), (rng.normal(size=n), rng.integers(0, 2, n))]
+        for x, y in cases:
+            want, got = _tau_handwritten(x, y), stats.kendall_tau_b(x, y)
+            assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-12, abs=1e-15), (x, y)
+        x, y = rng.normal(size=500), rng.integers(0, 7, 500)  # several row slabs in the hand-written version
+        assert stats.kendall_tau_b(x, y) == pytest.approx(_tau_handwritten(x, y, block_elements=1000), rel=1e-12)
+        with pytest.raises(ValueError, match="NaN"):
+            stats.kendall_tau_b([1.0, math.nan], [1.0, 2.0])
+
+    def test_per_prompt_taus_nan_where_undefined(self):
         df = pd.DataFrame({
             "p": [1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5],
             "score": [0.1, 0.5, 0.9, 3, 2, 1, 1, 2, 7, 7, 1],
             "gold": [-1, 0, 1, -1, 1, 1, 1, 1, -1, 1, 1],
         })
         # p1: tau 1; p2: scores 3>2>1 vs gold -1<1=1 -> (0-2)/sqrt(3*2); p3 gold constant, p4 scores
-        # constant, p5 one response: skipped
-        mean, used, skipped = stats.per_prompt_kendall(df, "p", "score", "gold")
-        assert (used, skipped) == (2, 3)
-        assert mean == pytest.approx((1 - 2 / math.sqrt(6)) / 2)
-        assert stats.per_prompt_kendall(df[df.p == 5], "p", "score", "gold")[1:] == (0, 1)
+        # constant, p5 one response: NaN (callers drop and count them)
+        taus = stats.per_prompt_taus(df, "p", "score", "gold")
+        assert taus.index.tolist() == [1, 2, 3, 4, 5] and taus.name == "kendall_tau_b"
+        assert taus.isna().tolist() == [False, False, True, True, True]
+        assert taus.dropna().tolist() == pytest.approx([1, -2 / math.sqrt(6)])
+        one = stats.per_prompt_taus(df[df.p == 5], "p", "score", "gold")
+        assert one.index.tolist() == [5] and one.isna().all()
 
 
+# ---- benchmarks on the published hub schemas, stub scorer -----------------------------------
 # ---- benchmarks on the published hub schemas, stub scorer -----------------------------------
 
 def _conv(q1, a1, q2, a2):

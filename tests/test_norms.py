@@ -111,6 +111,10 @@ class TestNormStats:
         # two-point distribution, p = 1/4 at the high value: g1 = (1 - 2p) / sqrt(p (1 - p)) = 2 / sqrt(3)
         assert s["skew"] == pytest.approx(2 / math.sqrt(3))
         assert skewness([5.0, 5.0]) != skewness([5.0, 5.0])  # nan when constant
+        assert math.isnan(skewness([]))
+        x = np.random.default_rng(3).gamma(2.0, size=200)
+        d = x - x.mean()
+        assert skewness(x) == pytest.approx(np.mean(d**3) / np.mean(d**2) ** 1.5, rel=1e-12)  # the formula it replaced
 
     def test_pair_shape_mismatch_raises(self):
         with pytest.raises(ValueError, match="differ in shape"):

@@ -115,10 +115,18 @@ def test_nan_loss_stops_naming_step_and_part_and_keeps_checkpoint(tmp_path, tiny
     (dict(loss="bradley"), "bt"), (dict(loss="bsr", loss_params={"lam": -1.0}), "lam"),
     (dict(regularizer="sft", alpha=1.5), "alpha"), (dict(mode="half"), "topk"),
     (dict(loss="bsr", loss_params={"lambda": 1e-3}), "lam"),
+    (dict(loss="bsr", loss_params="{lam: 1e-3}"), "loss_params: not valid JSON"),
+    (dict(loss="bsr", loss_params="[0.001]"), "loss_params must be a JSON object"),
 ])
 def test_bad_parameters_fail_at_once_naming_allowed_values(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         RMConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_loss_params_as_json_text(tmp_path):
+    cfg = RMConfig(output_dir=str(tmp_path), loss="bsr", loss_params='{"lam": 0.001, "global_batch": true}')
+    assert cfg.loss_params == {"lam": 0.001, "global_batch": True}
+    assert RMConfig(output_dir=str(tmp_path), loss_params=None).loss_params == {}
 
 
 def test_reuse_returns_a_finished_run_without_training(tmp_path, tiny_backbone, pairs, monkeypatch):

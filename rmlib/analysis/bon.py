@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from rmlib.analysis import bon
 from rmlib.analysis.stats import per_prompt_taus
@@ -155,7 +156,7 @@ def bon_curve(df: pd.DataFrame, ns=None, prompt_col: str = "prompt_id", proxy_co
     P = exp_p.shape[0]
 
     def sem(x):
-        return x.std(axis=0, ddof=1) / math.sqrt(P) if P > 1 else np.full(x.shape[1], np.nan)
+        return scipy.stats.sem(x, axis=0, ddof=1) if P > 1 else np.full(x.shape[1], np.nan)
 
     proxy_mean, gold_mean = exp_p.mean(axis=0), exp_g.mean(axis=0)
     return pd.DataFrame({

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -131,14 +132,14 @@ def norm_stats(h) -> dict[str, float]:
 
 
 def skewness(values) -> float:
-    """Fisher-Pearson skewness g1 = m3 / m2^(3/2), m_k = mean((x - mean)^k) (biased; scipy's default).
+    """Fisher-Pearson skewness g1 = m3 / m2^(3/2), m_k = mean((x - mean)^k) (``scipy.stats.skew``, biased).
 
-    nan when all values are equal.
+    nan when all values are equal (or empty).
     """
-    v = np.asarray(values, dtype=np.float64)
-    d = v - v.mean()
-    m2, m3 = float(np.mean(d**2)), float(np.mean(d**3))
-    return m3 / m2**1.5 if m2 > 0 else math.nan
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0 or v.min() == v.max():
+        return math.nan  # scipy returns nan too, after a precision-loss warning
+    return float(scipy.stats.skew(v))
 
 
 def pair_distances(h_chosen, h_rejected) -> np.ndarray:

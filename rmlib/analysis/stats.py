@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 OVERALL = "overall"
 
@@ -21,7 +22,6 @@ TABLE_COLUMNS = ["category", "n", "accuracy", "ci_low", "ci_high"]
 CI_LEVEL = 0.95
 
 
-TAU_BLOCK_ELEMENTS = 4_000_000  # kendall_tau_b compares rows in (block, n) slabs of at most this many pairs
 
 
 # ---- bootstrap helpers ---------------------------------------------------------------------
@@ -104,33 +104,21 @@ def pairwise_accuracy_table(chosen_scores, rejected_scores, categories: Sequence
 
 # ---- Kendall tau-b -------------------------------------------------------------------------
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b with the tie correction (numpy; no scipy).
+    """Kendall's tau-b with the tie correction (``scipy.stats.kendalltau``, variant "b").
 
     tau_b = (n_c - n_d) / sqrt((n_0 - n_1) (n_0 - n_2)), n_0 = n(n-1)/2 pairs, n_1 / n_2 =
-    pairs tied in x / in y. NaN when undefined: fewer than 2 items, or x or y constant.
-    Exact O(n^2) pair count, in row blocks so memory stays ~O(n) for any n.
+    pairs tied in x / in y. NaN when undefined: fewer than 2 items, or x or y constant. A NaN
+    in the input raises (scipy would return NaN); O(n log n).
     """
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
-    if x.shape != y.shape:
+    if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     if np.isnan(x).any() or np.isnan(y).any():
         raise ValueError("kendall_tau_b: NaN in the input")
-    n = len(x)
-    if n < 2:
-        return math.nan
-    s = untied_x = untied_y = 0
-    block = max(1, TAU_BLOCK_ELEMENTS // n)
-    for start in range(0, n, block):
-        dx = np.sign(x[start : start + block, None] - x[None, :]).astype(np.int8)  # (b, n)
-        dy = np.sign(y[start : start + block, None] - y[None, :]).astype(np.int8)
-        s += int((dx.astype(np.int64) * dy).sum())
-        untied_x += int(np.count_nonzero(dx))
-        untied_y += int(np.count_nonzero(dy))
-    # every unordered pair was counted twice (i, j) and (j, i), with the same product
-    if untied_x == 0 or untied_y == 0:
-        return math.nan
-    return float((s / 2) / math.sqrt((untied_x / 2) * (untied_y / 2)))
+    if len(x) < 2:
+        return math.nan  # scipy returns NaN too, with a SmallSampleWarning
+    return float(scipy.stats.kendalltau(x, y, variant="b").statistic)  # NaN when x or y is constant
 
 
 def per_prompt_taus(df: pd.DataFrame, prompt_col: str, score_col: str, gold_col: str) -> pd.Series:
@@ -139,17 +127,6 @@ def per_prompt_taus(df: pd.DataFrame, prompt_col: str, score_col: str, gold_col:
     taus = {p: kendall_tau_b(g[score_col].to_numpy(float), g[gold_col].to_numpy(float))
             for p, g in df.groupby(prompt_col, sort=True)}
     return pd.Series(taus, dtype=float, name="kendall_tau_b")
-
-
-def per_prompt_kendall(df: pd.DataFrame, prompt_col: str, score_col: str, gold_col: str) -> tuple[float, int, int]:
-    """(mean tau-b over prompts, prompts used, prompts skipped).
-
-    Prompts whose gold (or whose RM scores) has no variation, or with a single response,
-    have no tau: they are skipped and counted. The mean is NaN when no prompt is usable.
-    """
-    taus = per_prompt_taus(df, prompt_col, score_col, gold_col)
-    used = taus.dropna()
-    return (float(used.mean()) if len(used) else math.nan), int(len(used)), int(len(taus) - len(used))
 
 
 def seed_aggregate(table: pd.DataFrame, keys: Sequence[str], value: str = "value") -> pd.DataFrame:

@@ -10,6 +10,7 @@ def train_eval_split(dataset, n_train: int | None, n_eval: int | None, seed: int
 
     ``None`` means "all that is left". The two parts never share a row. Raises ValueError
     naming both numbers when the dataset is too small.
+    Not ``Dataset.train_test_split``: same indices, but it refuses ``n_eval=0`` (``--n_eval 0``, notebook 04).
     """
     n = len(dataset)
     n_eval = n_eval if n_eval is not None else 0

@@ -114,12 +114,12 @@ def store_key(model: nn.Module, start_layer: int, *, dtype: torch.dtype = torch.
     return key
 
 
-def prompt_key(prompt: list[int]) -> str:
+def prompt_digest(prompt: list[int]) -> str:
     """Entry key of a prompt's activations: BLAKE2b-128 of its token ids."""
     return _digest(b"p", prompt)
 
 
-def reply_key(prompt: list[int], reply: list[int]) -> str:
+def reply_digest(prompt: list[int], reply: list[int]) -> str:
     """Entry key of a reply's activations, which depend on its prompt too."""
     return _digest(b"r", prompt, reply)
 
@@ -235,7 +235,7 @@ class BottomStore:
 
     def sequence(self, prompt: list[int], reply: list[int]) -> torch.Tensor:
         """Stored input of layer ``start_layer`` for prompt + reply: (len(prompt) + len(reply), H)."""
-        pk, rk = prompt_key(prompt), reply_key(prompt, reply)
+        pk, rk = prompt_digest(prompt), reply_digest(prompt, reply)
         if pk not in self.entries or rk not in self.entries:
             raise KeyError(f"a sequence ({len(prompt)} prompt + {len(reply)} reply tokens) is not in the bottom "
                            f"store {self.root}: call ensure() with it first")
@@ -257,13 +257,13 @@ class BottomStore:
             prompt = [int(t) for t in prompt]
             if len(prompt) == 0:
                 raise ValueError(f"group {g}: empty prompt (the store keys replies by their prompt)")
-            pk = prompt_key(prompt)
+            pk = prompt_digest(prompt)
             entry = todo.get(pk)
             for r, reply in enumerate(replies):
                 if len(reply) == 0:
                     raise ValueError(f"group {g}, reply {r}: empty reply")
                 reply = [int(t) for t in reply]
-                rk = reply_key(prompt, reply)
+                rk = reply_digest(prompt, reply)
                 if rk in self.entries:
                     continue
                 if entry is None:
@@ -337,9 +337,9 @@ class BottomStore:
                     h_prompt, h_reply = bottom_prompt_replies(decoder, prompts, replies, owner, self.start_layer)
                 for i, (p, need, _) in enumerate(batch):
                     if need:
-                        store(prompt_key(p), h_prompt[i, : len(p)])
+                        store(prompt_digest(p), h_prompt[i, : len(p)])
                 for j, reply in enumerate(replies):
-                    store(reply_key(prompts[owner[j]], reply), h_reply[j, : len(reply)])
+                    store(reply_digest(prompts[owner[j]], reply), h_reply[j, : len(reply)])
                 bar.update(len(replies))
             assert cursor == rows, (cursor, rows)
             out.flush()
@@ -537,9 +537,3 @@ def forward_cached(model: RewardModel, batch: dict, response_mask: torch.Tensor 
     return model(batch["input_ids"], batch["attention_mask"], response_mask, return_logps=return_logps,
                  hidden_in=batch["hidden_in"], start_layer=int(batch["start_layer"]))
 
-
-__all__ = [
-    "SUPPORTED_MODEL_TYPES", "BottomStore", "CachedPairCollator", "bottom_forward", "bottom_prompt_replies",
-    "check_frozen_below", "check_supported", "forward_cached", "frozen_prefix", "pair_groups", "prompt_key",
-    "reply_key", "run_layers", "store_for", "store_key", "supported", "top_forward", "with_stored_inputs",
-]

@@ -45,28 +45,15 @@ class DataArgs:
         "help": "return a finished run of the same config and data in --output_dir instead of training"})
 
 
-def _json_object(text: str) -> dict:
-    value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse reports it
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
-
-_json_object.__name__ = "JSON object"  # argparse: "invalid JSON object value: ..."
-
-
 def parser() -> HfArgumentParser:
     p = HfArgumentParser((RMConfig, DataArgs))
-    # Gaps of HfArgumentParser (and bf16's "auto", below): it would call dict("{...}") on a plain `dict` field; it drops
-    # the default of a `str | list[str]` field (report_to="none" would become None, refused) and
-    # the default_factory of a bool field (use_cpu, True without CUDA, would become False).
+    # Gaps of HfArgumentParser (and bf16's "auto", below): it drops the default of a `str | list[str]` field
+    # (report_to="none" would become None, refused) and the default_factory of a bool field (use_cpu, True
+    # without CUDA, would become False). loss_params needs nothing: RMConfig parses its JSON text.
     factories = {f.name: f.default_factory for f in dataclasses.fields(RMConfig)
                  if f.default_factory is not dataclasses.MISSING}
     for action in p._actions:
-        if action.dest == "loss_params":
-            action.type = _json_object
-            action.help = 'JSON, e.g. \'{"lam": 1e-3, "global_batch": true}\' for bsr'
-        elif action.dest == "report_to" and action.default is None:
+        if action.dest == "report_to" and action.default is None:
             action.default = [RMConfig.report_to]
         elif action.dest in factories and action.nargs == "?":  # bool fields
             action.default = factories[action.dest]()

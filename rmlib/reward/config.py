@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -32,7 +33,9 @@ class RMConfig(TrainingArguments):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (GRM paper: 0.05)"})
     # --- loss ---
     loss: str = field(default="bt", metadata={"help": "reward loss name in rmlib.reward.losses.REWARD_LOSSES"})
-    loss_params: dict = field(default_factory=dict, metadata={"help": "e.g. {'lam': 1e-3} for bsr"})
+    # dict | str | None: HfArgumentParser then parses the flag as a string (with `dict | str` it would call dict(text))
+    loss_params: dict | str | None = field(default_factory=dict, metadata={
+        "help": 'JSON object, e.g. \'{"lam": 1e-3, "global_batch": true}\' for bsr'})
     regularizer: str = field(default="none", metadata={"help": "GRM regularizer: none | sft | sft_nll | dpo_noref | dpo"})
     alpha: float = field(default=0.01, metadata={"help": "GRM weight: (1-alpha) L_reward + alpha L_reg"})
     beta: float = field(default=0.1, metadata={"help": "GRM beta inside the regularizer"})
@@ -64,6 +67,7 @@ class RMConfig(TrainingArguments):
     disable_tqdm: bool | None = False
 
     def __post_init__(self):
+        self.loss_params = _json_object("loss_params", self.loss_params)
         self.loss_spec  # validates names and values, naming what is allowed
         self.model_spec
         assets.check_model_name(self.backbone)  # a missing path fails here, not after the data is tokenized
@@ -90,3 +94,17 @@ class RMConfig(TrainingArguments):
                  "num_train_epochs", "max_steps", "seed", "bf16", "lr_scheduler_type", "warmup_steps",
                  "weight_decay", "logging_steps"]
         return {k: getattr(self, k) for k in keys}
+
+
+def _json_object(name: str, value) -> dict:
+    """``value`` as a dict: a dict as is, None as {}, a string parsed as a JSON object (the CLI passes text)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: not valid JSON ({e}): {value!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object (a dict), e.g. '{{\"lam\": 1e-3}}', got {value!r}")
+    return value

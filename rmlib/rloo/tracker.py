@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -37,7 +38,7 @@ CURVE_COLUMNS = ["step", "epoch", "proxy", "proxy_sem", "gold", "gold_sem", "pro
 # -- tracking callback --------------------------------------------------------------------------------
 def _sem(x) -> float:
     x = np.asarray(x, dtype=np.float64)
-    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+    return float(scipy.stats.sem(x, axis=None, ddof=1)) if x.size > 1 else math.nan  # scipy warns on n < 2
 
 
 def _checkpoint_step(path: Path) -> int | None:
