@@ -14,7 +14,7 @@ from rmlib.analysis.synthetic_gold import ORACLE, VARIANT_LABELS
 from rmlib.reward.variants import VARIANTS
 
 
-def curves_figure(curves: pd.DataFrame, title: str = ""):
+def rloo_curves_figure(curves: pd.DataFrame, title: str = ""):
     """Four panels, one line per run: proxy reward (change from step 0, in units of its step-0
     standard deviation) vs KL; gold reward change vs step and vs KL (±1 standard error of the
     paired change); mean response length vs step."""

@@ -460,18 +460,18 @@ def test_score_with_all_matches_each_model_alone(saved_rms, tokenizer, tmp_path)
         synthetic_gold.score_with_all({"bon_nothing": tmp_path / "nope"}, samples, tmp_path / "s.jsonl")
 
 
-def test_train_grid_trains_then_reuses(tiny_backbone, tmp_path):
+def test_train_runs_table_trains_then_reuses(tiny_backbone, tmp_path):
     rows = [pair_row(id=f"t{i}", prompt=[{"role": "user", "content": f"Question {i}?"}],
                      chosen="A careful helpful answer.", rejected="No.", source="alpaca_eval") for i in range(8)]
     pairs = to_dataset(rows)
     cfgs = synthetic_gold.proxy_configs(tmp_path, ["bt", "grm"], [0], backbone=tiny_backbone, mode="topk", top_k_layers=1,
                               max_steps=2, per_device_train_batch_size=2, bf16=False, disable_tqdm=True,
                               logging_steps=1, learning_rate=1e-3)
-    first = synthetic_gold.train_grid(cfgs, pairs)
+    first = synthetic_gold.train_runs_table(cfgs, pairs)
     assert list(first["name"]) == ["bon_proxy_bt_s0", "bon_proxy_grm_s0"]
     assert list(first["variant"]) == ["bt", "grm"] and (first["steps"] == 2).all()
     assert set(synthetic_gold.trained_models(tmp_path)) == {"bon_proxy_bt_s0", "bon_proxy_grm_s0"}
     meta = json.loads((tmp_path / "models" / "bon_proxy_grm_s0" / "metrics.json").read_text())
     assert meta["config"]["regularizer"] == "sft" and meta["config"]["seed"] == 0
-    second = synthetic_gold.train_grid(cfgs, pairs)  # reused: same metrics, nothing retrained
+    second = synthetic_gold.train_runs_table(cfgs, pairs)  # reused: same metrics, nothing retrained
     assert second["train_seconds"].tolist() == first["train_seconds"].tolist()

@@ -338,7 +338,7 @@ class TestTraining:
         verdicts = rloo_curves.describe_runs(rloo_curves.summary_table(rows)).splitlines()
         assert "up beyond 2 standard errors" in verdicts[0] and "within 2 standard errors" in verdicts[1]
         assert "up beyond" in verdicts[2]  # every sample moved by the same amount: zero spread
-        fig = plots.curves_figure(curves)
+        fig = plots.rloo_curves_figure(curves)
         assert len(fig.axes) == 4 and len(fig.axes[1].lines) == 2
         long = tracker.curves_frame(result.records, run="bt", long=True)
         assert set(long.columns) == {"run", "step", "epoch", "metric", "value"}

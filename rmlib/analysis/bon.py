@@ -1,4 +1,13 @@
-"""TODO docstring (bon, gold)"""
+"""Best-of-N over-optimization curves (GRM paper Fig 2, after Gao et al. 2022).
+
+``bon_expectation`` / ``bon_curve``: the EXACT expected proxy and gold score of the proxy's pick
+when n of a prompt's N samples are drawn uniformly without replacement (order statistics:
+the i-th smallest of N is the pick with probability C(i-1, n-1) / C(N, n)), plotted against
+KL_bon = log n - (n-1)/n and normalized to start at 0 (``proxy_norm``, ``gold_norm``).
+``bon_summary`` says whether gold bends down while proxy keeps rising. ``bon_curves`` /
+``summary_table`` do it for every proxy of a synthetic-gold grid (``rmlib.analysis.synthetic_gold``),
+with seed bands, the oracle curve (the gold picking for itself) and paired differences to BT.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (rloo)"""
+"""RLOO curves summarized: per run, the last tracked step against step 0 (gold and proxy change
+with standard errors, KL, length change), and the sentences the notebook prints from it.
+"""
 
 from __future__ import annotations
 

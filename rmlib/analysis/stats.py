@@ -1,4 +1,7 @@
-"""TODO docstring (eval, compare)"""
+"""Statistics shared by the analyses: bootstrap intervals (percentile, seeded per group),
+pairwise accuracy tables, Kendall tau-b per prompt (``scipy.stats.kendalltau``), seed
+aggregation. Numbers only; verdicts are ``rmlib.analysis.claims``.
+"""
 
 from __future__ import annotations
 

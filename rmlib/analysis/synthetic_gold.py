@@ -452,7 +452,7 @@ def proxy_configs(run_dir, variants: Sequence[str], seeds: Sequence[int], *, grm
             for v in variants for s in seeds}
 
 
-def train_grid(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None) -> pd.DataFrame:
+def train_runs_table(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None) -> pd.DataFrame:
     """Train (or reuse) every config in turn (``rmlib.reward.variants.train_configs``); one row per run:
     name, variant, seed, final_dir, train_pairs, steps, train_seconds, pairs_per_second, train_loss,
     eval_accuracy (with ``eval_pairs``), wall_seconds (small when a finished run was reused)."""

@@ -24,7 +24,7 @@ from .mt_bench import (
     load_mt_bench_human_judgments,
     load_mt_bench_questions,
 )
-from .report import DropReport, Loaded
+from .drop_report import DropReport, Loaded
 from .reward_bench import (
     EXAMPLE_COUNTS,
     SUBSET_MAPPING,

@@ -1,4 +1,4 @@
-"""TODO docstring (scenarios)"""
+"""AlpacaEval generators left out of every split: the data owns these oddities."""
 
 from __future__ import annotations
 

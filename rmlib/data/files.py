@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import DataError
 from .pairs import MISSING, Collector
 from .readers import display_name, iter_records
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from .errors import DataError
 from .hub import HUB_IDS, load_hub
 from .pairs import MISSING, Collector
 from .readers import display_name, read_jsonl
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

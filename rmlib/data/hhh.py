@@ -12,7 +12,7 @@ from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub
 from .pairs import Collector, check_label, check_text
 from .readers import display_name, read_json
-from .report import Loaded
+from .drop_report import Loaded
 from .transcript import parse_transcript
 
 logger = logging.getLogger(__name__)

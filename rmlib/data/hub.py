@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import DataError, Drop
 from .pairs import MISSING, Collector, check_score
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

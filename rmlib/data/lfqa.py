@@ -11,7 +11,7 @@ from rmlib.core.paths import data_dir
 from .errors import DataError, Drop
 from .pairs import Collector, check_label
 from .readers import display_name, read_jsonl
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from .pairs import (
     opt_text,
 )
 from .readers import display_name, read_jsonl
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 
 from .errors import Drop
-from .report import DropReport, Loaded, log_summary
+from .drop_report import DropReport, Loaded, log_summary
 from .schema import PAIR_FEATURES, ROLES, pair_row, to_dataset
 from .transcript import split_last_reply, split_transcript_pair
 

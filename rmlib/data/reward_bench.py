@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from .errors import Drop
 from .hub import HUB_IDS, load_hub
 from .pairs import Collector
-from .report import Loaded
+from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

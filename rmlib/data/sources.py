@@ -12,7 +12,7 @@ from .hhh import load_hhh_alignment
 from .hub import HUB_IDS, load_hub_pairs
 from .lfqa import load_lfqa_expert
 from .mt_bench import load_mt_bench_human_judgments, load_mt_bench_questions
-from .report import Loaded
+from .drop_report import Loaded
 from .reward_bench import load_reward_bench
 
 

@@ -1,29 +1,20 @@
-"""Best-of-N over-optimization curves (GRM paper Fig 2, after Gao et al. 2022).
+"""Sampling from a policy: per-row random streams, resumable sample files.
 
-Three steps, each resumable where it is slow:
+``sample_responses``: N samples per prompt (T=0.7, top_p=0.95 by default, as in the GRM paper),
+appended to a JSONL file batch by batch; a rerun skips what is there. ``sample_completions``:
+one completion per row of token ids (the RLOO tracker's evaluation samples).
 
-1. ``sample_responses``: N samples per prompt from a policy (T=0.7, top_p=0.95 by default, as in
-   the GRM paper), appended to a JSONL file batch by batch; a rerun skips what is there.
-2. ``score_samples`` / ``score_samples_cached``: proxy and gold rewards of every sample, with
-   the prompt re-formatted by each reward model's own chat template (gold and proxy may differ).
-   ``score_samples_multi``: many reward models (gold and proxies) one after the other; top-k
-   models of one backbone share the bottom store, so the frozen bottom runs once in all.
-3. ``bon_expectation`` / ``bon_curve``: the EXACT expected proxy and gold score of the proxy's
-   pick when n of the N samples are drawn uniformly without replacement, from order statistics;
-   plotted against KL_bon = log n - (n-1)/n and normalized to start at 0 (``proxy_norm``,
-   ``gold_norm``). ``bon_summary`` says whether gold bends down while proxy keeps rising.
-
-Sampling determinism. Every sample (prompt_id, sample_index) draws from its own
-``torch.Generator`` seeded by hash(seed, prompt_id, sample_index): the sampled token of a row never
-depends on which other rows share its batch. Batches are fixed by (number of prompts, n,
-batch_size) alone (``generation_batches``): with n >= batch_size a batch is one "chunk" of ONE
-prompt's samples, indices [c * batch_size, (c + 1) * batch_size) cut at n; with n < batch_size it
-holds all n samples of batch_size // n consecutive prompts (left-padded), so small N still fills
-the batch (batch 32 generates ~13x faster than batch 1 on 2 CPU cores). A resumed run recomputes
-exactly the batches a fresh run would: with the same n and batch_size, resuming (after a kill, or
-with more prompts appended) gives a file identical in content to a fresh run. Raising n later
-keeps the old samples and adds new ones from their own streams (identical to a fresh run up to
-floating-point effects of the batch shape).
+Determinism. Every sample (prompt_id, sample_index) draws from its own ``torch.Generator``
+seeded by hash(seed, prompt_id, sample_index) (``RowSampler``): the sampled token of a row never
+depends on which other rows share its batch, nor on the global RNG. Batches are fixed by
+(number of prompts, n, batch_size) alone (``generation_batches``): with n >= batch_size a batch is
+one "chunk" of ONE prompt's samples, indices [c * batch_size, (c + 1) * batch_size) cut at n; with
+n < batch_size it holds all n samples of batch_size // n consecutive prompts (left-padded), so
+small N still fills the batch. A resumed run recomputes exactly the batches a fresh run would:
+with the same n and batch_size, resuming (after a kill, or with more prompts appended) gives a
+file identical in content to a fresh run. Raising n later keeps the old samples and adds new
+ones from their own streams (identical to a fresh run up to floating-point effects of the batch
+shape).
 
 File format (``out_path``, JSONL, append-only, flushed per batch):
   {"kind": "prompt", "prompt_id", "messages", "prompt"}            once per prompt

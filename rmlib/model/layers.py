@@ -1,4 +1,9 @@
-"""TODO docstring (fastpath)"""
+"""Decoder maths for frozen-bottom models: run a Llama-style decoder from layer ``s`` upward, or
+its bottom ``[0, s)`` alone, with the same masks and rotary positions as ``LlamaModel.forward``.
+No I/O: ``rmlib.model.bottom_store`` stores what the bottom computes; ``RewardModel.forward``
+runs the top on it. Also ``unwrap_causal_lm`` (the causal LM inside peft / DDP / compile
+wrappers) and ``decoder_of``.
+"""
 
 from __future__ import annotations
 

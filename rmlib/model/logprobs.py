@@ -1,4 +1,6 @@
-"""TODO docstring (models, rloo)"""
+"""Log-probabilities of responses under a causal LM: summed response-token log-probs (GRM's
+regularizers), and per-completion KL estimates to a reference policy (the RLOO tracker).
+"""
 
 from __future__ import annotations
 

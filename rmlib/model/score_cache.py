@@ -1,4 +1,7 @@
-"""TODO docstring (bon)"""
+"""Rewards of sampled replies (Best-of-N samples), by one or many reward models, with a
+resumable JSONL cache: the prompt is re-formatted by each reward model's own chat template, and
+top-k models of one backbone share the bottom store, so the frozen bottom runs once in all.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""pipeline"""
+"""Layer 7: presets, ``make reproduce`` (papermill over the notebooks) and the README report."""

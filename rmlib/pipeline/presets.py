@@ -1,4 +1,9 @@
-"""TODO docstring (reproduce)"""
+"""Parameter presets: ``params/<name>.yaml`` -> the parameters of each notebook, checked.
+
+A preset has ``requires`` (cpu | gpu | multi_gpu), a ``description``, ``common`` parameters given
+to every notebook and one section per notebook stem. The one place that reads ``params/*.yaml``
+(``rmlib.pipeline.reproduce``, ``rmlib.pipeline.report`` and ``rmlib.run`` call it).
+"""
 
 from __future__ import annotations
 

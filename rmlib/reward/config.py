@@ -1,4 +1,7 @@
-"""TODO docstring (train)"""
+"""``RMConfig``: everything a reward-model run needs (``transformers.TrainingArguments`` + the
+model, loss and data fields of this project), validated at construction and saved with every
+checkpoint and result.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (rloo)"""
+"""``RLOORunConfig``: everything one RLOO run needs, validated at construction, and the TRL
+``RLOOConfig`` built from it; the names of a run folder's files.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring (rloo)"""
+"""RLOO prompt sets: a deterministic pool (AlpacaEval instructions, HH-RLHF first human turns)
+split into training prompts and a fixed evaluation set, disjoint by text, without the prompts the
+reward models trained on (``exclude``); ``prompt_stream`` lays the training prompts out in the
+order training reads them (so a resume never depends on sampler state).
+"""
 
 from __future__ import annotations
 

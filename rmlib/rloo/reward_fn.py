@@ -1,4 +1,10 @@
-"""TODO docstring (rloo)"""
+"""A saved rmlib reward model as a TRL reward function (``RewardModelFunction``).
+
+Each (prompt messages, completion) is formatted with the RM's OWN tokenizer and chat template
+exactly as Best-of-N scores samples (``rmlib.model.encoding.sample_sequences``: prompt cut from
+the left at ``max_length``), then scored by ``rmlib.model.scoring``. Policy, proxy and gold
+tokenizers may all differ.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring (rloo)"""
+"""``RLOOTracker``: proxy reward, gold reward, KL to the initial policy and response length on
+fixed evaluation prompts during RLOO training, recorded so that the records survive a kill and a
+resume; ``curves_frame`` / ``samples_frame`` turn records into tidy tables.
+"""
 
 from __future__ import annotations
 
