@@ -33,7 +33,6 @@ from rmlib.pipeline.presets import (
 
 
 def run(name: str, only: list[str] | None = None, prepare_only: bool = False, out: str | None = None) -> int:
-
     preset = load_preset(name)
     if not prepare_only:
         check_machine(name, preset)
