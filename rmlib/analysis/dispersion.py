@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -325,14 +326,8 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
 
 # -- during training ----------------------------------------------------------------------------
 def _unwrap(model):
-    """The RewardModel inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
+    """The RewardModel inside DDP / FSDP / DeepSpeed / torch.compile wrappers."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _whole_epoch(state) -> bool:

@@ -13,6 +13,7 @@ from .alpaca_eval import (
     alpaca_eval_pairs,
     load_alpaca_eval_responses,
 )
+from .drop_report import DropReport, Loaded
 from .errors import DataError
 from .files import load_preference_file
 from .hh_rlhf import load_hh_rlhf
@@ -24,7 +25,6 @@ from .mt_bench import (
     load_mt_bench_human_judgments,
     load_mt_bench_questions,
 )
-from .drop_report import DropReport, Loaded
 from .reward_bench import (
     EXAMPLE_COUNTS,
     SUBSET_MAPPING,

@@ -17,10 +17,10 @@ from datasets import Dataset, Features, Value
 
 from rmlib.core.paths import data_dir
 
+from .drop_report import DropReport, Loaded
 from .errors import DataError, Drop
 from .pairs import Collector, check_label, check_text, opt_text
 from .readers import display_name, read_json
-from .drop_report import DropReport, Loaded
 from .schema import pair_row, to_dataset
 
 logger = logging.getLogger(__name__)

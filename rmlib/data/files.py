@@ -6,10 +6,10 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from .drop_report import Loaded
 from .errors import DataError
 from .pairs import MISSING, Collector
 from .readers import display_name, iter_records
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rmlib.core.paths import data_dir
 
+from .drop_report import Loaded
 from .errors import DataError
 from .hub import HUB_IDS, load_hub
 from .pairs import MISSING, Collector
 from .readers import display_name, read_jsonl
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rmlib.core.paths import data_dir
 
+from .drop_report import Loaded
 from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub
 from .pairs import Collector, check_label, check_text
 from .readers import display_name, read_json
-from .drop_report import Loaded
 from .transcript import parse_transcript
 
 logger = logging.getLogger(__name__)

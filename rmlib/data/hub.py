@@ -6,9 +6,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .drop_report import Loaded
 from .errors import DataError, Drop
 from .pairs import MISSING, Collector, check_score
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from rmlib.core.paths import data_dir
 
+from .drop_report import Loaded
 from .errors import DataError, Drop
 from .pairs import Collector, check_label
 from .readers import display_name, read_jsonl
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from datasets import Features, List, Value
 
 from rmlib.core.paths import data_dir
 
+from .drop_report import Loaded
 from .errors import DataError, Drop
 from .hub import HUB_IDS, load_hub
 from .pairs import (
@@ -21,7 +22,6 @@ from .pairs import (
     opt_text,
 )
 from .readers import display_name, read_jsonl
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

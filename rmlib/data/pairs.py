@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping
 from contextlib import contextmanager
 
-from .errors import Drop
 from .drop_report import DropReport, Loaded, log_summary
+from .errors import Drop
 from .schema import PAIR_FEATURES, ROLES, pair_row, to_dataset
 from .transcript import split_last_reply, split_transcript_pair
 

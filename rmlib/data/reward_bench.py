@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+from .drop_report import Loaded
 from .errors import Drop
 from .hub import HUB_IDS, load_hub
 from .pairs import Collector
-from .drop_report import Loaded
 
 logger = logging.getLogger(__name__)
 

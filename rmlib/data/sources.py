@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .alpaca_eval import alpaca_eval_pairs, load_alpaca_eval_responses
+from .drop_report import Loaded
 from .errors import DataError
 from .files import load_preference_file
 from .hh_rlhf import load_hh_rlhf
@@ -12,7 +13,6 @@ from .hhh import load_hhh_alignment
 from .hub import HUB_IDS, load_hub_pairs
 from .lfqa import load_lfqa_expert
 from .mt_bench import load_mt_bench_human_judgments, load_mt_bench_questions
-from .drop_report import Loaded
 from .reward_bench import load_reward_bench
 
 

@@ -25,6 +25,9 @@ in a temp folder and renamed into place, at most every ``shard_rows`` rows, so a
 keeps every finished shard and a rerun computes only what is missing. Entry keys are BLAKE2b
 digests of the token ids (a reply's key covers its prompt: its activations depend on it).
 
+Ours because no library does it: transformers and peft cache keys/values within one generate call,
+never a frozen bottom's activations across models, runs and processes.
+
 Supported decoders: Llama-style (``model_type`` in ``SUPPORTED_MODEL_TYPES``). Others raise
 ``NotImplementedError``; Gemma-3 in particular interleaves sliding-window and full-attention
 layers, each type with its own mask and its own rotary embedding.

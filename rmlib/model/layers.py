@@ -8,6 +8,7 @@ wrappers) and ``decoder_of``.
 from __future__ import annotations
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
@@ -136,13 +137,7 @@ def check_frozen_below(model: nn.Module, start_layer: int) -> None:
 
 
 def unwrap_causal_lm(model):
-    """The transformers causal LM inside peft / torch.compile / DDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
+    """The transformers causal LM inside DDP / FSDP / DeepSpeed / torch.compile wrappers (accelerate's
+    ``extract_model_from_parallel``) and a peft wrapper (``get_base_model``)."""
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
