@@ -108,8 +108,6 @@ class PairCollator:
     """Batch B encoded pairs into 2B right-padded sequences: rows [0, B) chosen, [B, 2B) rejected.
 
     Returns input_ids, attention_mask and response_mask (1 on reply tokens), shapes (2B, T).
-    Ours, not TRL's ``DataCollatorForPreference``: that one drops nothing but has no response mask
-    (GRM's regularizers need it) and pads by the pad id, which is the EOS for SmolLM2.
     """
 
     pad_token_id: int
