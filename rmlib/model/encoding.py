@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass
@@ -122,20 +123,23 @@ class PairCollator:
         return pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of)
 
 
-def pad_sequences(seqs, response_masks, pad_token_id: int, pad_to_multiple_of: int | None = 8):
-    """Right-pad token lists into (N, T) tensors: input_ids, attention_mask, response_mask."""
-    longest = max(len(s) for s in seqs)
+def pad_sequences(seqs, response_masks, pad_token_id: int, pad_to_multiple_of: int | None = 8,
+                  padding_side: str = "right"):
+    """Pad token lists into (N, T) tensors: input_ids, attention_mask, response_mask
+    (``torch.nn.utils.rnn.pad_sequence``; T = the longest sequence, rounded up to a multiple of
+    ``pad_to_multiple_of``)."""
+    width = max(len(s) for s in seqs)
     if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(seqs)
-    input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, longest), dtype=torch.long)
-    response_mask = torch.zeros((n, longest), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, response_masks)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-        response_mask[i, : len(m)] = torch.tensor(m, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+
+    def padded(rows, value):
+        out = pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                           padding_value=value, padding_side=padding_side)
+        fill = torch.full((out.shape[0], width - out.shape[1]), value, dtype=torch.long)
+        return torch.cat([out, fill] if padding_side == "right" else [fill, out], dim=1)
+
+    return {"input_ids": padded(seqs, pad_token_id), "attention_mask": padded([[1] * len(s) for s in seqs], 0),
+            "response_mask": padded(response_masks, 0)}
 
 
 # -- 2. scoring -------------------------------------------------------------------------------------
