@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from rmlib.model.encoding import PairCollator, encode_pairs, format_prompt, format_reply, truncate_pair
+from rmlib.model.encoding import (
+    PairCollator,
+    encode_pairs,
+    format_prompt,
+    format_reply,
+    truncate_pair,
+)
 
 
 def test_truncate_keeps_reply_and_cuts_prompt_from_the_left():
@@ -48,3 +54,18 @@ def test_collator_stacks_chosen_then_rejected():
     assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [7, 8, 9, 0, 0], [1, 2, 4, 5, 6], [7, 10, 0, 0, 0]]
     assert b["response_mask"].tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
     assert torch.equal(b["attention_mask"].sum(1), torch.tensor([3, 3, 5, 2]))
+
+
+def test_collator_emits_per_pair_margins_only_for_scored_pairs():
+    feats = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "chosen_score": 4.0, "rejected_score": 6.5},
+             {"prompt_ids": [1], "chosen_ids": [4], "rejected_ids": [5], "chosen_score": None, "rejected_score": 1.0}]
+    m = PairCollator(pad_token_id=0)(feats)["margin"]
+    assert m.dtype == torch.float32 and m[0].item() == 2.5 and m[1].isnan()  # |rating_c - rating_r|; NaN: unscored
+    assert "margin" not in PairCollator(pad_token_id=0)([{k: feats[0][k] for k in list(feats[0])[:3]}])
+
+
+def test_encode_pairs_keeps_the_score_columns(tokenizer):
+    ds = Dataset.from_list([{"id": "a", "prompt": [{"role": "user", "content": "q"}], "chosen": "yes",
+                             "rejected": "no", "chosen_score": 3.0, "rejected_score": 1.0}])
+    enc, _ = encode_pairs(ds, tokenizer, max_length=64)
+    assert enc["chosen_score"] == [3.0] and enc["rejected_score"] == [1.0]

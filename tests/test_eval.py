@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rmlib.analysis import benchmarks
-from rmlib.analysis import stats
-from rmlib.data import EXAMPLE_COUNTS, load_hhh_alignment, to_dataset, pair_row
+from rmlib.analysis import benchmarks, stats
+from rmlib.data import EXAMPLE_COUNTS, load_hhh_alignment, pair_row, to_dataset
 
 
 def _tau_reference(x, y):
@@ -198,6 +197,12 @@ class TestBenchmarks:
         by_cat = t.set_index("category")["accuracy"]
         assert by_cat["writing"] == pytest.approx(0.5) and by_cat["reasoning"] == pytest.approx(0.5)
 
+    def test_mt_bench_note_states_how_the_official_code_differs(self):
+        # GRM rm_eval/load_eval_datasets.py: human + gpt4_pair splits; winner != 'model_a' -> conversation_b chosen
+        note = benchmarks.BENCHMARKS["mt_bench"].description
+        assert "human split only" in note and "TIES DROPPED" in note
+        assert "gpt4_pair" in note and "model_b win" in note and "as wins" not in note
+
     def test_reward_bench_subsets_sections_and_score(self):
         def row(subset, c, r, i):  # allenai/reward-bench, split "filtered": these 7 columns
             return dict(prompt=f"prompt {i}", chosen=f"chosen {c}", rejected=f"rejected {r}", chosen_model="m1",
@@ -256,9 +261,9 @@ def stub_scorer_lengths(pairs):
 # ---- a real (tiny) model -------------------------------------------------------------------
 
 def test_evaluate_pairs_on_the_tiny_model(tokenizer, tiny_backbone):
+    from rmlib.model.encoding import encode_pairs
     from rmlib.model.reward_model import ModelSpec, build_reward_model
     from rmlib.model.scoring import score_pairs
-    from rmlib.model.encoding import encode_pairs
 
     model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
     pairs = benchmarks.subsample_pairs(load_hhh_alignment().dataset, 12, seed=0)

@@ -10,17 +10,27 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_lm
 from datasets import Dataset
 
 from rmlib.model import bottom_store, layers
+from rmlib.model.bottom_store import (
+    BottomStore,
+    CachedPairCollator,
+    forward_cached,
+    pair_groups,
+    store_for,
+)
 from rmlib.model.encoding import PairCollator, encode_pairs
-from rmlib.model.bottom_store import BottomStore, CachedPairCollator, forward_cached, pair_groups, store_for
-from rmlib.model.layers import bottom_forward, check_frozen_below, frozen_prefix, top_forward
+from rmlib.model.layers import (
+    bottom_forward,
+    check_frozen_below,
+    frozen_prefix,
+    top_forward,
+)
+from rmlib.model.reward_model import ModelSpec, build_reward_model
 from rmlib.model.scoring import score_pairs, score_replies
 from rmlib.reward.losses import LossSpec, compute_loss
-from rmlib.model.reward_model import ModelSpec, build_reward_model
-
-from conftest import make_tiny_lm
 
 LAYERS = 4
 
@@ -131,7 +141,9 @@ class TestCachedPath:
             assert layers.supported(model)
             collate = (CachedPairCollator(_store(model, tmp_path, encoded=encoded), tokenizer.pad_token_id) if cached
                        else PairCollator(tokenizer.pad_token_id))
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            # eps far above the gradients' fp32 rounding: where |g| ~ eps (default 1e-8) Adam's g / (|g| + eps)
+            # turns a 1e-10 gradient difference into a weight difference of ~1e-5 (it did, after a head-init change)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-3)
             for feats in batches:
                 batch = collate(feats)
                 out = forward_cached(model, batch) if cached else model(batch["input_ids"], batch["attention_mask"])
@@ -174,6 +186,16 @@ class TestCachedPath:
         store = _store(_topk_model(tokenizer), tmp_path, encoded=encoded.select([0, 1]))
         with pytest.raises(KeyError, match="not in the bottom store"):
             CachedPairCollator(store, tokenizer.pad_token_id)(list(encoded))
+
+    def test_collator_emits_the_per_pair_margins_of_scored_pairs(self, tokenizer, encoded, tmp_path):
+        store = _store(_topk_model(tokenizer), tmp_path, encoded=encoded)
+        scored = encoded.add_column("chosen_score", [1.0, 5.0, 2.0, 0.0]).add_column("rejected_score",
+                                                                                     [3.0, 1.0, 2.0, 0.5])
+        cached = CachedPairCollator(store, tokenizer.pad_token_id)(list(scored))
+        plain = PairCollator(tokenizer.pad_token_id)(list(scored))
+        torch.testing.assert_close(cached["margin"], torch.tensor([2.0, 4.0, 0.0, 0.5]))
+        torch.testing.assert_close(cached["margin"], plain["margin"])
+        assert "margin" not in CachedPairCollator(store, tokenizer.pad_token_id)(list(encoded))
 
 
 class TestStore:

@@ -7,8 +7,15 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rmlib.model.encoding import format_prompt, format_reply, pad_sequences
-from rmlib.model.reward_model import ModelSpec, build_reward_model, last_token_index, load_reward_model, save_reward_model
 from rmlib.model.logprobs import response_logps
+from rmlib.model.reward_model import (
+    ModelSpec,
+    RewardModel,
+    build_reward_model,
+    last_token_index,
+    load_reward_model,
+    save_reward_model,
+)
 
 
 def _pair_batch(tokenizer, replies, prompt=None):
@@ -76,12 +83,15 @@ class TestModes:
         with pytest.raises(ValueError, match="linear, mlp"):
             ModelSpec(head="deep")
 
-    def test_linear_head_init_variance(self):
+    def test_linear_head_init_std_is_one_over_sqrt_hidden(self):
+        # BSR code (modules/utils.py): normal_(score.weight, 0, 1/sqrt(H)); at H = 4 that is std 0.5,
+        # far from sqrt(1/(H+1)) = 0.447 (the estimate's standard error here is ~0.0025)
         from rmlib.model.reward_model import make_head
 
         torch.manual_seed(0)
-        w = torch.cat([make_head("linear", 575).weight.flatten() for _ in range(50)])
-        assert abs(w.var().item() - 1 / 576) < 0.1 / 576
+        w = torch.cat([make_head("linear", 4).weight.flatten() for _ in range(5000)])
+        assert abs(w.std().item() - 0.5) < 0.01 and abs(w.mean().item()) < 0.01
+        assert make_head("linear", 575).bias is None
 
 
 class TestResponseLogps:
@@ -108,11 +118,52 @@ class TestCheckpoints:
             ours = model(batch["input_ids"], batch["attention_mask"]).rewards
         out = save_reward_model(model, tmp_path / "rm", tokenizer, dtype=torch.float32)
         hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, hf.config.pad_token_id)  # the export's pad
         with torch.no_grad():
-            theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+            theirs = hf(input_ids=ids, attention_mask=batch["attention_mask"]).logits.squeeze(-1)
             again = load_reward_model(out)(batch["input_ids"], batch["attention_mask"]).rewards
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(again, ours, atol=1e-5, rtol=1e-5)
+
+    def test_transformers_scores_like_rmlib_on_sequences_ending_with_the_pad_token(self, tmp_path, tokenizer,
+                                                                                    tiny_backbone):
+        # pad == eos == <|im_end|> (id 2): transformers pools the rightmost non-pad token, so with pad id 2 a
+        # reply ending in eos (format_reply's fallback, a generated sample) was scored one token early
+        from transformers import AutoTokenizer
+
+        model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0).eval()
+        p_text = format_prompt(tokenizer, [{"role": "user", "content": "A short poem about rain."}])
+        eos = tokenizer.eos_token
+        texts = [p_text + "Rain taps." + eos, p_text + "No." + eos + eos, p_text + "Drops on the roof, all night." + eos,
+                 p_text + "Soft rain." + eos + "\n"]
+        seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        assert [s[-1] == tokenizer.pad_token_id for s in seqs] == [True, True, True, False]
+        with torch.no_grad():
+            ours = torch.stack([model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).rewards[0]
+                                for s in seqs])
+        out = save_reward_model(model, tmp_path / "rm", tokenizer, dtype=torch.float32)
+        assert tokenizer.pad_token == eos  # the caller's tokenizer is left as it is
+        hf_tok = AutoTokenizer.from_pretrained(out)  # what a transformers user scores with
+        assert hf_tok.pad_token_id not in {t for s in seqs for t in s}
+        enc = hf_tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        assert [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])] == seqs
+        hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        assert hf.config.pad_token_id == hf_tok.pad_token_id
+        with torch.no_grad():
+            theirs = hf(**enc).logits.squeeze(-1)
+            enc_eos = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, tokenizer.pad_token_id)
+            hf.config.pad_token_id = tokenizer.pad_token_id  # the old export: pad id 2
+            old = hf(input_ids=enc_eos, attention_mask=enc["attention_mask"]).logits.squeeze(-1)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(old[:3], ours[:3], atol=1e-3)  # what the fix is about
+        loaded = load_reward_model(out)  # the pad token's embedding row is dropped again
+        assert loaded.decoder.embed_tokens.weight.shape == model.decoder.embed_tokens.weight.shape
+        assert loaded.config.pad_token_id == model.config.pad_token_id
+
+    def test_linear_export_needs_the_tokenizer(self, tmp_path, tiny_backbone):
+        model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
+        with pytest.raises(ValueError, match="tokenizer"):
+            save_reward_model(model, tmp_path / "rm")
 
     def test_mlp_head_with_lm_head_roundtrip(self, tmp_path, tokenizer, tiny_backbone):
         model = build_reward_model(ModelSpec(backbone=tiny_backbone, head="mlp", keep_lm_head=True), seed=0).eval()
@@ -126,6 +177,38 @@ class TestCheckpoints:
             again = loaded(batch["input_ids"], batch["attention_mask"], batch["response_mask"], return_logps=True)
         torch.testing.assert_close(again.rewards, ours.rewards, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(again.logps, ours.logps, atol=1e-4, rtol=1e-5)
+
+    def test_loading_a_linear_export_reports_nothing_unexpected(self, tmp_path, tokenizer, tiny_backbone, capfd,
+                                                                caplog):
+        # reading the sequence-classification export as a causal LM made transformers log a load
+        # report with "score.weight | UNEXPECTED", which reads like a broken checkpoint
+        import logging
+
+        from transformers import AutoModelForCausalLM
+
+        model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0)
+        out = save_reward_model(model, tmp_path / "rm", tokenizer, dtype=torch.float32)
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = records.append
+        hf_logger = logging.getLogger("transformers")
+        hf_logger.addHandler(handler)
+        try:
+            capfd.readouterr()
+            with caplog.at_level(logging.DEBUG):
+                loaded = load_reward_model(out)
+            printed = capfd.readouterr()
+            text = printed.out + printed.err + caplog.text + "".join(r.getMessage() for r in records)
+            records.clear()
+            AutoModelForCausalLM.from_pretrained(out)  # the old way: this check sees its report
+        finally:
+            hf_logger.removeHandler(handler)
+        assert any("UNEXPECTED" in r.getMessage() for r in records)
+        assert "UNEXPECTED" not in text and "MISSING" not in text and "LOAD REPORT" not in text
+        want, got = model.state_dict(), loaded.state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=0, rtol=0, msg=k)
 
     def test_load_rejects_a_folder_without_rmlib_config(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="rmlib_reward.json"):
@@ -145,3 +228,52 @@ def test_response_logps_skips_prompt_tokens():
     ids = torch.tensor([[1, 2, 3]])
     none = response_logps(head, hidden, ids, torch.tensor([[0, 0, 0]]))
     assert none.item() == 0.0
+
+
+class TestLogitsPath:
+    """response_logps = the backbone's own log-softmax logits, or the backbone is refused at build time."""
+
+    def test_check_reads_softcapping_and_names_unsupported_fields(self):
+        from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+        from rmlib.model.logprobs import final_logit_softcap
+
+        assert final_logit_softcap(Gemma2Config(final_logit_softcapping=30.0)) == 30.0
+        assert final_logit_softcap(Gemma2Config(final_logit_softcapping=None)) is None
+        assert final_logit_softcap(LlamaConfig()) is None
+        assert final_logit_softcap(GraniteConfig(logits_scaling=1.0)) is None  # the identity is harmless
+        with pytest.raises(ValueError, match=r"logits_scaling=8\.0.*regularizer='none'"):
+            final_logit_softcap(GraniteConfig(logits_scaling=8.0))
+        with pytest.raises(ValueError, match="logit_scale"):
+            final_logit_softcap(CohereConfig())
+
+    def test_a_keep_lm_head_model_on_such_a_backbone_is_refused_at_build(self):
+        from transformers import GraniteConfig, GraniteForCausalLM
+
+        cfg = GraniteConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0)
+        lm = GraniteForCausalLM(cfg)
+        RewardModel(lm)  # a reward model alone never touches the LM head
+        with pytest.raises(ValueError, match="logits_scaling"):
+            RewardModel(lm, keep_lm_head=True)
+
+    def test_softcapped_logps_equal_the_gemma2_models_own_logits(self):
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.05,
+                           pad_token_id=0)
+        model = RewardModel(Gemma2ForCausalLM(cfg).eval(), keep_lm_head=True).eval()
+        ids = torch.tensor([[5, 9, 13, 21, 7, 3], [5, 11, 2, 8, 0, 0]])
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+        resp = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
+        with torch.no_grad():
+            ours = model(ids, mask, resp, return_logps=True).logps
+            logits = model.causal_lm(input_ids=ids, attention_mask=mask).logits.float()
+            raw = response_logps(model.lm_head, model.decoder(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                 ids, resp)
+        logp = logits.log_softmax(-1)
+        want = torch.stack([sum(logp[i, t - 1, ids[i, t]] for t in range(1, 6) if resp[i, t]) for i in range(2)])
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-5)
+        assert (raw - want).abs().min() > 0.01  # the cap matters here (100x the tolerance)

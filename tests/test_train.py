@@ -150,3 +150,55 @@ def test_checkpoints_of_another_config_are_set_aside_not_resumed(tmp_path, tiny_
     assert res.metrics["resumed_from"] is None
     stale = list(tmp_path.glob("stale-*"))
     assert len(stale) == 1 and (stale[0] / "checkpoint-2").is_dir() and (stale[0] / "final").is_dir()
+
+
+class TestMarginLoss:
+    """GRM's margin baseline: m_i = |chosen_score - rejected_score| per pair, passed by RMTrainer."""
+
+    SCORES = [(5.0, 3.0), (2.0, 2.5), (7.0, 1.0), (4.0, 4.0)]  # m = 2, 0.5, 6, 0
+
+    @pytest.fixture(scope="class")
+    def scored(self, pairs):
+        rows = [dict(pairs[i], chosen_score=c, rejected_score=r) for i, (c, r) in enumerate(self.SCORES)]
+        return Dataset.from_list(rows)
+
+    def test_margin_loss_differs_from_bt_by_the_hand_computed_amount(self, tmp_path, tiny_backbone, scored, tokenizer):
+        from rmlib.model.encoding import PairCollator, encode_pairs
+        from rmlib.model.reward_model import ModelSpec, build_reward_model
+        from rmlib.reward.trainer import RMTrainer
+
+        enc, _ = encode_pairs(scored, tokenizer, max_length=64)
+        batch = PairCollator(tokenizer.pad_token_id)(list(enc))
+        torch.testing.assert_close(batch["margin"], torch.tensor([2.0, 0.5, 6.0, 0.0]))
+        model = build_reward_model(ModelSpec(backbone=tiny_backbone), seed=0).eval()
+        with torch.no_grad():
+            r = model(batch["input_ids"], batch["attention_mask"]).rewards.double()
+        d = r[:4] - r[4:]
+        m = torch.tensor([2.0, 0.5, 6.0, 0.0], dtype=torch.float64)
+        expected = (-torch.nn.functional.logsigmoid(d - m)).mean() - (-torch.nn.functional.logsigmoid(d)).mean()
+        assert expected > 0.5  # a real difference, not rounding
+        values = {}
+        for loss in ("bt", "margin"):
+            cfg = _config(tmp_path / loss, tiny_backbone, loss=loss)
+            trainer = RMTrainer(model=model, args=cfg, loss_spec=cfg.loss_spec)
+            with torch.no_grad():
+                values[loss] = trainer.compute_loss(model, dict(batch)).item()
+        assert values["margin"] - values["bt"] == pytest.approx(expected.item(), abs=1e-5)
+
+    def test_unscored_pairs_raise_naming_the_scores(self, tmp_path, tiny_backbone, pairs):
+        cfg = _config(tmp_path, tiny_backbone, loss="margin")
+        with pytest.raises(ValueError, match=r"16 of 16 pairs .*chosen_score/rejected_score.*loss_params"):
+            train_reward_model(cfg, pairs)
+        from rmlib.reward.trainer import per_pair_margins
+
+        with pytest.raises(ValueError, match=r"1 of 2 pairs of this batch"):
+            per_pair_margins(cfg.loss_spec, torch.tensor([1.0, float("nan")]), 2)
+        const = _config(tmp_path, tiny_backbone, loss="margin", loss_params={"margin": 0.5}).loss_spec
+        assert per_pair_margins(const, None, 2) is None  # a constant margin needs no scores (BSR code)
+
+    def test_trains_on_scored_pairs_through_the_cached_path(self, tmp_path, tiny_backbone, scored, monkeypatch):
+        monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path / "cache"))
+        cfg = _config(tmp_path / "run", tiny_backbone, loss="margin", mode="topk", top_k_layers=1, max_steps=2)
+        res = train_reward_model(cfg, scored)
+        frame = log_history_frame(res.log_history)
+        assert (frame["loss/reward"] != frame["loss/bt"]).all()

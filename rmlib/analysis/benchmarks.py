@@ -187,9 +187,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("lfqa", lambda source=None: load_lfqa_expert(source), _overall_only, False,
               "expert long-form QA preferences (bcdnlp/PRD); accuracy"),
     Benchmark("mt_bench", lambda source=None: load_mt_bench_human_judgments(source), _by_category, True,
-              "lmsys/mt_bench_human_judgments, human split (hub only); accuracy with TIES DROPPED (the official "
-              "GRM code counts them as wins; we do not); turn-2 judgments whose two conversations differ before "
-              "the judged turn are dropped by the loader; per MT-Bench category + overall"),
+              "lmsys/mt_bench_human_judgments, human split only (hub only); accuracy with TIES DROPPED; turn-2 "
+              "judgments whose two conversations differ before the judged turn are dropped by the loader; per "
+              "MT-Bench category + overall. The official GRM code (rm_eval/load_eval_datasets.py, "
+              "build_ood_eval_dataset) differs: it concatenates the human AND gpt4_pair splits, and it makes "
+              "conversation_a chosen only if winner == 'model_a', so a tie ('tie', 'tie (bothbad)') counts as a "
+              "model_b win (conversation_b chosen); it scores the whole conversations, not cut at the judged turn"),
     Benchmark("reward_bench", lambda source=None: load_reward_bench(source), reward_bench_table, True,
               "allenai/reward-bench, filtered split (hub only); accuracy per subset, sections Chat / Chat Hard / "
               "Safety / Reasoning with the published EXAMPLE_COUNTS weights; overall = mean of the sections"),

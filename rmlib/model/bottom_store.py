@@ -55,7 +55,7 @@ from rmlib.core.atomic_io import write_json_atomic
 from rmlib.core.paths import cache_dir
 from rmlib.core.precision import autocast, resolve_bf16
 from rmlib.model import assets
-from rmlib.model.encoding import pad_sequences
+from rmlib.model.encoding import pad_sequences, with_margins
 from rmlib.model.layers import (
     check_supported,
     decoder_of,
@@ -501,7 +501,8 @@ def _existing_starts(model: nn.Module, start: int, dtype: torch.dtype, bf16_auto
 class CachedPairCollator:
     """Batch B encoded pairs into 2B right-padded sequences, chosen rows first (the layout of
     ``PairCollator``): input_ids, attention_mask, response_mask (2B, T), hidden_in (2B, T, H) in the
-    store dtype (zeros on padding), start_layer (int). Every pair must be in the store."""
+    store dtype (zeros on padding), start_layer (int), and ``margin`` (B,) when the pairs carry scores
+    (``rmlib.model.encoding.pair_margins``). Every pair must be in the store."""
 
     store: BottomStore
     pad_token_id: int
@@ -515,8 +516,8 @@ class CachedPairCollator:
                 hiddens.append(self.store.sequence(prompt, reply))
                 seqs.append(prompt + reply)
                 resp.append([0] * len(prompt) + [1] * len(reply))
-        return with_stored_inputs(pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of), hiddens,
-                                  self.store)
+        batch = pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of)
+        return with_margins(with_stored_inputs(batch, hiddens, self.store), features)
 
 
 def with_stored_inputs(batch: dict, hiddens: list[torch.Tensor], store: BottomStore) -> dict:

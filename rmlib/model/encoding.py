@@ -5,7 +5,9 @@ generation header) and the two replies' ids (ending with the template's end-of-t
 prompt + longest reply exceeds ``max_length``, the prompt is cut from the LEFT (the end of the
 conversation is kept) and the replies stay whole; only a reply longer than
 ``max_length - min_prompt_tokens`` is cut at its end. Nothing is dropped silently: pairs whose
-replies become identical after truncation are dropped and counted.
+replies become identical after truncation are dropped and counted. The pair schema's
+``chosen_score``/``rejected_score`` columns stay, and the collators turn them into the per-pair
+margin of GRM's margin baseline (``pair_margins``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+SCORE_COLUMNS = ("chosen_score", "rejected_score")
 
 
 @dataclass
@@ -70,7 +74,8 @@ def encode_pairs(dataset, tokenizer, max_length: int = 256, min_prompt_tokens: i
     """Add ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``length`` columns to a pair dataset.
 
     Returns ``(encoded_dataset, EncodeStats)``. Pairs whose two replies are identical after
-    truncation are removed and their ids listed in the stats.
+    truncation are removed and their ids listed in the stats. Every input column is kept,
+    ``chosen_score``/``rejected_score`` (``SCORE_COLUMNS``) included.
     """
 
     def encode(batch):
@@ -108,7 +113,8 @@ def encode_pairs(dataset, tokenizer, max_length: int = 256, min_prompt_tokens: i
 class PairCollator:
     """Batch B encoded pairs into 2B right-padded sequences: rows [0, B) chosen, [B, 2B) rejected.
 
-    Returns input_ids, attention_mask and response_mask (1 on reply tokens), shapes (2B, T).
+    Returns input_ids, attention_mask and response_mask (1 on reply tokens), shapes (2B, T), and
+    ``margin`` (B,) when the pairs carry scores (``pair_margins``).
     """
 
     pad_token_id: int
@@ -120,7 +126,30 @@ class PairCollator:
             for f in features:
                 seqs.append(list(f["prompt_ids"]) + list(f[key]))
                 resp.append([0] * len(f["prompt_ids"]) + [1] * len(f[key]))
-        return pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of)
+        return with_margins(pad_sequences(seqs, resp, self.pad_token_id, self.pad_to_multiple_of), features)
+
+
+def pair_margins(features: list[dict]) -> torch.Tensor | None:
+    """GRM's per-pair margin m_i = |rating_c,i - rating_r,i| from ``chosen_score``/``rejected_score``:
+    (B,) float32, NaN for a pair missing either score; None when the features have no score columns.
+
+    GRM code (reward_models/load_datasets.py, build_dataset_UF): chosen is the higher-rated reply and
+    ``margin = rating_chosen - rating_rejected`` (ties filtered out), i.e. |rating_c - rating_r|.
+    """
+    if not features or not all(c in f for f in features for c in SCORE_COLUMNS):
+        return None
+    nan = float("nan")
+    c = torch.tensor([nan if f["chosen_score"] is None else float(f["chosen_score"]) for f in features])
+    r = torch.tensor([nan if f["rejected_score"] is None else float(f["rejected_score"]) for f in features])
+    return (c - r).abs().float()
+
+
+def with_margins(batch: dict, features: list[dict]) -> dict:
+    """Add ``margin`` (B,) (``pair_margins``) to a collated batch when the pairs carry scores."""
+    m = pair_margins(features)
+    if m is not None:
+        batch["margin"] = m
+    return batch
 
 
 def pad_sequences(seqs, response_masks, pad_token_id: int, pad_to_multiple_of: int | None = 8,

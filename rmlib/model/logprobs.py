@@ -14,16 +14,57 @@ from rmlib.core.precision import autocast
 from rmlib.model.encoding import pad_sequences
 from rmlib.model.layers import unwrap_causal_lm
 
+# Config fields by which a transformers causal LM changes its logits after the LM head, besides
+# final_logit_softcapping (which response_logps applies), as of transformers 5.23. Neutral values pass.
+UNSUPPORTED_LOGIT_FIELDS = {
+    "logits_scaling": "Granite*: logits / s; MiniCPM3: hidden / s; HyperCLOVA X: logits * s",
+    "logit_scale": "Cohere*: logits * s",
+    "lm_head_multiplier": "Falcon-H1: logits * m",
+    "output_multiplier": "MuseSpark: logits * m",
+    "unpadded_vocab_size": "Inkling: logits cut to the unpadded vocabulary",
+}
+
+
+def final_logit_softcap(config) -> float | None:
+    """c of the final-logit soft-capping, logits = c * tanh(logits / c) (``final_logit_softcapping`` of
+    Gemma-2/3/4, VaultGemma, ...; the formula of their ``*ForCausalLM.forward``), or None.
+
+    Raises ValueError naming the field for a backbone whose logits path ``response_logps`` does not
+    reproduce (``UNSUPPORTED_LOGIT_FIELDS``: Granite ``logits_scaling``, Cohere ``logit_scale``, ...).
+    Checked on the config and its text config."""
+    configs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        configs.append(text)
+    cap = None
+    for cfg in configs:
+        for name, what in UNSUPPORTED_LOGIT_FIELDS.items():
+            value = getattr(cfg, name, None)
+            neutral = (None, getattr(cfg, "vocab_size", None)) if name == "unpadded_vocab_size" else (None, 1, 1.0)
+            if value not in neutral:
+                raise ValueError(
+                    f"backbone model_type={getattr(cfg, 'model_type', '?')!r} has {name}={value!r} ({what}): its "
+                    "logits are not lm_head(h), and rmlib.model.logprobs.response_logps reproduces only "
+                    "final_logit_softcapping; the GRM regularizers (log pi) would be wrong. Use regularizer='none' "
+                    "with this backbone, or a backbone without that field")
+        cap = cap if cap is not None else getattr(cfg, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
 
 def response_logps(
-    lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+    lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Summed log pi(y_t | x, y_<t) over response tokens: (N,). Only response positions hit the LM head."""
+    """Summed log pi(y_t | x, y_<t) over response tokens: (N,). Only response positions hit the LM head.
+
+    ``softcap``: the backbone's final-logit soft-capping c (``final_logit_softcap``), logits = c tanh(z / c)."""
     n, t = input_ids.shape
     target_mask = response_mask[:, 1:].bool()  # token t is predicted at position t-1
     h = hidden[:, :-1][target_mask]  # (M, H)
     targets = input_ids[:, 1:][target_mask]  # (M,)
     logits = lm_head(h).float()  # (M, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     token_logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     rows = torch.arange(n, device=input_ids.device)[:, None].expand(n, t - 1)[target_mask]
     return torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logp)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -31,7 +30,7 @@ from transformers.initialization import no_init_weights
 
 from rmlib.model import assets
 from rmlib.model.layers import check_frozen_below, top_forward
-from rmlib.model.logprobs import response_logps
+from rmlib.model.logprobs import final_logit_softcap, response_logps
 
 HEADS = ("linear", "mlp")
 
@@ -46,6 +45,7 @@ HEAD_WEIGHTS = "reward_head.safetensors"
 
 
 LM_HEAD_WEIGHTS = "lm_head.safetensors"
+EXPORT_PAD_TOKEN = "<|rmlib_pad|>"  # the pad token of a linear-head export (see save_reward_model)
 
 
 @dataclass
@@ -68,11 +68,13 @@ def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 
 
 def make_head(kind: str, hidden_size: int, dropout: float = 0.1) -> nn.Module:
-    """``linear``: Linear(H, 1, no bias), init N(0, 1/(H+1)) (BSR paper).
+    """``linear``: Linear(H, 1, no bias), W_p ~ N(0, std = 1/sqrt(H)) (BSR official code,
+    modules/utils.py ``initialize_reward_model_head``: ``nn.init.normal_(model.score.weight, mean=0.0,
+    std=1/np.sqrt(model.config.hidden_size))``), so E||W_p||^2 = 1.
     ``mlp``: Dropout(0.1) -> Linear(H, 1024) -> ReLU -> Linear(1024, 1) (GRM official default)."""
     if kind == "linear":
         head = nn.Linear(hidden_size, 1, bias=False)
-        nn.init.normal_(head.weight, mean=0.0, std=math.sqrt(1.0 / (hidden_size + 1)))
+        nn.init.normal_(head.weight, mean=0.0, std=1.0 / math.sqrt(hidden_size))
         return head
     if kind == "mlp":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Linear(1024, 1))
@@ -88,6 +90,8 @@ class RewardModel(nn.Module):
         self.head_kind = head
         self.keep_lm_head = keep_lm_head
         self.base_model = base_model
+        if keep_lm_head:
+            final_logit_softcap(self.config)  # a logits path response_logps does not reproduce fails here
         self.head = make_head(head, self.config.hidden_size)
         self.frozen_layers = 0  # decoder layers (with the embeddings) that never train: see apply_mode
         self._reference: list[nn.Module] = []  # frozen reference LM for the DPO regularizer, unregistered
@@ -148,7 +152,7 @@ class RewardModel(nn.Module):
         if return_logps:
             if response_mask is None:
                 raise ValueError("return_logps=True needs response_mask (1 on reply tokens)")
-            logps = response_logps(self.lm_head, hidden, input_ids, response_mask)
+            logps = response_logps(self.lm_head, hidden, input_ids, response_mask, final_logit_softcap(self.config))
         return RewardOutput(rewards=rewards, hidden=h, logps=logps)
 
     @torch.no_grad()
@@ -157,14 +161,16 @@ class RewardModel(nn.Module):
         if self.is_peft:
             with self.lm.disable_adapter():
                 hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                return response_logps(self.lm_head, hidden.last_hidden_state, input_ids, response_mask)
+                return response_logps(self.lm_head, hidden.last_hidden_state, input_ids, response_mask,
+                                      final_logit_softcap(self.config))
         if not self._reference:
             raise RuntimeError("no reference model: call attach_reference() before using the 'dpo' regularizer")
         ref = self._reference[0]
         if next(ref.parameters()).device != input_ids.device:
             ref.to(input_ids.device)
         hidden = ref.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return response_logps(ref.get_output_embeddings(), hidden, input_ids, response_mask)
+        return response_logps(ref.get_output_embeddings(), hidden, input_ids, response_mask,
+                              final_logit_softcap(ref.config))
 
     def attach_reference(self) -> None:
         """Keep a frozen copy of the current (initial) causal LM as DPO reference (not a submodule)."""
@@ -256,6 +262,21 @@ def _merged_causal_lm(model: RewardModel) -> nn.Module:
     return model.causal_lm
 
 
+def export_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` whose pad token is ``EXPORT_PAD_TOKEN`` (added if new), for the linear
+    export (``save_reward_model``); the original is left as it is."""
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token != EXPORT_PAD_TOKEN:
+        tok.add_special_tokens({"pad_token": EXPORT_PAD_TOKEN})
+    return tok
+
+
+def _embedding_key(decoder: nn.Module) -> str:
+    """State-dict key of the decoder's input embedding weight (``embed_tokens.weight`` for Llama)."""
+    emb = decoder.get_input_embeddings()
+    return next(name for name, m in decoder.named_modules() if m is emb) + ".weight"
+
+
 def save_reward_model(
     model: RewardModel, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.bfloat16,
     extra: dict | None = None,
@@ -267,9 +288,25 @@ def save_reward_model(
     - mlp head: a causal-LM checkpoint + ``reward_head.safetensors``; load with
       ``rmlib.model.reward_model.load_reward_model``.
     Both carry ``rmlib_reward.json`` (head, base model, ``extra`` such as the training config).
-    """
 
+    Pooling of the linear export: transformers' ``*ForSequenceClassification`` (``GenericForSequence
+    Classification.forward``) scores the rightmost token whose id is not ``config.pad_token_id``,
+    rmlib the last attended token. They differ on a sequence that ENDS with the pad id, e.g. a reply
+    ending in EOS when pad == eos (SmolLM2: both ``<|im_end|>``, id 2; the ``reply + eos_token``
+    fallback of ``format_reply``, generated samples, a cut reply). So the export pads with a token of
+    its own, ``EXPORT_PAD_TOKEN``, added to the saved tokenizer (id = len(tokenizer); a zero embedding
+    row appended when that id is past the embedding, so the base model cannot sample it either): no
+    text the base tokenizer encodes contains it, so for every such sequence, padded with it, the two
+    poolings agree. ``tokenizer`` is required for a linear head (it is what pads) and is not modified.
+    ``load_reward_model`` drops the added row again.
+    """
     out_dir = Path(out_dir)
+    export_tok = None
+    if model.head_kind == "linear":
+        if tokenizer is None:
+            raise ValueError("save_reward_model: a linear-head export needs tokenizer=: transformers pools on the "
+                             "pad id, so the export pads with its own token (EXPORT_PAD_TOKEN), saved with it")
+        export_tok = export_tokenizer(tokenizer)
     lm = _merged_causal_lm(model)
     meta = {"head": model.head_kind, "keep_lm_head": model.keep_lm_head, "base_model": model.base_model,
             "frozen_layers": model.frozen_layers, "dtype": str(dtype).removeprefix("torch."), "extra": extra or {}}
@@ -277,19 +314,25 @@ def save_reward_model(
     def write(tmp: Path) -> None:
         tied = bool(getattr(lm.config, "tie_word_embeddings", False))
         if model.head_kind == "linear":
+            vocab = lm.get_input_embeddings().weight.shape[0]  # rows of the trained embedding
             cfg = copy.deepcopy(lm.config)
             cfg.num_labels = 1
             cfg.architectures = None
-            if tokenizer is not None and tokenizer.pad_token_id is not None:
-                cfg.pad_token_id = tokenizer.pad_token_id
-
+            cfg.pad_token_id = export_tok.pad_token_id
+            cfg.vocab_size = max(vocab, export_tok.pad_token_id + 1)
             with no_init_weights():  # every weight is copied in below: skip the random init (seconds)
                 cls = AutoModelForSequenceClassification.from_config(cfg)
-            cls.model.load_state_dict(lm.model.state_dict())
+            state = lm.model.state_dict()
+            key = _embedding_key(lm.model)
+            extra_rows = cfg.vocab_size - vocab  # the export pad token's row, zeros (never attended to)
+            state[key] = torch.cat([state[key], state[key].new_zeros(extra_rows, state[key].shape[1])])
+            cls.model.load_state_dict(state)
             with torch.no_grad():
                 cls.score.weight.copy_(model.head.weight)
             cls.to(dtype).save_pretrained(tmp)
             meta["format"] = "sequence_classification"
+            meta["vocab_size"] = vocab  # load_reward_model drops the rows added for the pad token
+            meta["pad_token_id"] = lm.config.pad_token_id
             if not tied:  # a seq-cls checkpoint has no LM head: keep it beside for GRM reloads
                 save_file({"weight": lm.get_output_embeddings().weight.detach().to(dtype).contiguous()},
                           str(tmp / LM_HEAD_WEIGHTS))
@@ -299,7 +342,9 @@ def save_reward_model(
             save_file({k: v.detach().to(dtype).contiguous() for k, v in model.head.state_dict().items()},
                       str(tmp / HEAD_WEIGHTS))
             meta["format"] = "causal_lm+head"
-        if tokenizer is not None:
+        if model.head_kind == "linear":
+            export_tok.save_pretrained(tmp)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RMLIB_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
 
@@ -307,33 +352,56 @@ def save_reward_model(
 
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RewardModel:
-    """Load a reward model written by ``save_reward_model`` (any head), ready to score."""
+    """Load a reward model written by ``save_reward_model`` (any head), ready to score.
 
+    A linear-head export is read as what it is, an ``AutoModelForSequenceClassification`` (no load
+    report: reading it as a causal LM would flag ``score.weight`` UNEXPECTED), and its decoder, W_p
+    and the LM head (tied, or ``lm_head.safetensors``) go into a causal LM of the trained vocabulary
+    (the export's pad-token row dropped)."""
     path = Path(path)
     meta_file = path / RMLIB_CONFIG
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not an rmlib reward model: {RMLIB_CONFIG} is missing")
     meta = json.loads(meta_file.read_text())
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if meta["format"] == "sequence_classification":
+        lm, w_p = _causal_lm_from_sequence_classification(path, meta, dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if (path / LM_HEAD_WEIGHTS).exists():
         with torch.no_grad():
             lm.get_output_embeddings().weight.copy_(load_file(str(path / LM_HEAD_WEIGHTS))["weight"])
     model = RewardModel(lm, head=meta["head"], keep_lm_head=meta.get("keep_lm_head", False),
                         base_model=meta.get("base_model", ""))
     if meta["format"] == "sequence_classification":
-
-        weights = {}
-        for f in sorted(path.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as sf:
-                if "score.weight" in sf.keys():
-                    weights["weight"] = sf.get_tensor("score.weight")
-        model.head.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
+        model.head.load_state_dict({"weight": w_p.to(dtype)})
     else:
         model.head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path / HEAD_WEIGHTS)).items()})
     model.to(dtype)
     freeze_bottom(model, int(meta.get("frozen_layers", 0)))
     model.rmlib_meta = meta
     return model.eval()
+
+
+def _causal_lm_from_sequence_classification(path: Path, meta: dict, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """(causal LM, W_p (1, H)) from a linear-head export: the decoder of the sequence-classification
+    checkpoint with its embedding cut back to ``meta["vocab_size"]`` rows, config ``pad_token_id`` as
+    trained; the LM head tied to the embedding or left for ``lm_head.safetensors``."""
+    cls = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    cfg = copy.deepcopy(cls.config)
+    key = _embedding_key(cls.model)
+    state = cls.model.state_dict()
+    vocab = int(meta.get("vocab_size", state[key].shape[0]))  # older exports: no rows were added
+    state[key] = state[key][:vocab]
+    cfg.vocab_size = vocab
+    cfg.pad_token_id = meta.get("pad_token_id", cfg.pad_token_id)
+    cfg.architectures = None
+    with no_init_weights():  # every weight is copied in below
+        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    lm.model.load_state_dict(state)
+    lm.tie_weights()  # tied LM head = the embedding (no_init_weights skips the tying)
+    w_p = cls.score.weight.detach().clone()
+    del cls, state
+    return lm, w_p
 
 
 def freeze_bottom(model: RewardModel, layers: int) -> RewardModel:

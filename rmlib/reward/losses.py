@@ -153,6 +153,8 @@ def margin(r_c: Tensor, r_r: Tensor, margin: float | Tensor = 0.0) -> Tensor:
 
     m is a number or a (B,) per-pair tensor (GRM baseline: m = |rating_c - rating_r|; Llama-2
     RM). BSR code: ``use_margin`` with scalar ``args.margin`` (default 0.0, i.e. plain BT).
+    ``RMTrainer`` passes the per-pair m from the pairs' scores unless ``loss_params`` sets a
+    constant (``rmlib.reward.trainer.per_pair_margins``).
     """
     r_c, r_r = _pair(r_c, r_r)
     return -F.logsigmoid(r_c - r_r - _per_pair(margin, r_c, "margin")).mean()

@@ -29,7 +29,7 @@ from transformers import Trainer
 
 from rmlib.core.atomic_io import read_json, write_json_atomic
 from rmlib.model import assets, bottom_store
-from rmlib.model.encoding import PairCollator, encode_pairs
+from rmlib.model.encoding import SCORE_COLUMNS, PairCollator, encode_pairs
 from rmlib.model.reward_model import (
     RewardModel,
     build_reward_model,
@@ -81,7 +81,8 @@ class RMTrainer(Trainer):
         if spec.regularizer in NEEDS_REFERENCE:
             ref = rm.reference_logps(ids, mask, resp)
             ref_c, ref_r = ref[:b], ref[b:]
-        loss, metrics = compute_loss(spec, r_c, r_r, logp_c, logp_r, ref_c, ref_r)
+        margin = per_pair_margins(spec, inputs.get("margin"), b)
+        loss, metrics = compute_loss(spec, r_c, r_r, logp_c, logp_r, ref_c, ref_r, margin=margin)
         assert_finite_loss(metrics, step=self.state.global_step)
         with torch.no_grad():
             hn = out.hidden.float().norm(dim=-1)
@@ -145,6 +146,54 @@ class RMTrainer(Trainer):
         if missing:
             raise ValueError(f"checkpoint {resume_from_checkpoint} lacks trainable weights: {missing[:5]} ...")
         model.load_state_dict(state, strict=False)
+
+
+def uses_pair_scores(spec: LossSpec) -> bool:
+    """Whether the loss reads ``chosen_score``/``rejected_score``: loss "margin" without a constant
+    ``loss_params["margin"]`` (see ``per_pair_margins``)."""
+    return spec.reward == "margin" and "margin" not in spec.reward_params
+
+
+def _unscored_message(bad: int, total: int, where: str) -> str:
+    return (f"loss='margin' uses the per-pair margin m = |chosen_score - rejected_score| (GRM baseline), but "
+            f"{bad} of {total} pairs {where} have no chosen_score/rejected_score (NaN or column missing); "
+            "train on scored pairs, or set loss_params={'margin': <number>} for one constant margin "
+            "(the BSR code's use_margin)")
+
+
+def per_pair_margins(spec: LossSpec, margin: torch.Tensor | None, pairs: int) -> torch.Tensor | None:
+    """The (B,) margins ``compute_loss`` gets from a collated batch's ``margin`` (``pair_margins``).
+
+    Loss "margin" is GRM's margin baseline, -log sigmoid(r_c - r_r - m_i) with m_i = |rating_c,i -
+    rating_r,i| (Yang et al. 2024; code reward_models/reward_trainer.py, loss_type 'margin'). The GRM
+    code has no fallback: without ratings its collator yields an empty list and the loss line
+    fails (IndexError on ``inputs["margin"][0]``); so here a batch with an unscored pair raises
+    ValueError naming the problem. A constant ``loss_params["margin"]`` (the BSR code's
+    ``use_margin`` with scalar ``args.margin``) is used instead of the scores when set. Other
+    losses: None (hinge keeps its constant margin)."""
+    if not uses_pair_scores(spec):
+        return None
+    if margin is None:
+        raise ValueError(_unscored_message(pairs, pairs, "of this batch"))
+    bad = int((~torch.isfinite(margin)).sum())
+    if bad:
+        raise ValueError(_unscored_message(bad, pairs, "of this batch"))
+    return margin
+
+
+def check_pair_scores(spec: LossSpec, pairs) -> None:
+    """Before tokenizing: raise ValueError if the loss needs per-pair scores (``uses_pair_scores``)
+    and some pairs lack them, naming the first such ids."""
+    if not uses_pair_scores(spec):
+        return
+    if any(c not in pairs.column_names for c in SCORE_COLUMNS):
+        raise ValueError(_unscored_message(len(pairs), len(pairs), "of the training data"))
+    c, r = (np.asarray(pairs[col], dtype=float) for col in SCORE_COLUMNS)  # None -> NaN
+    bad = np.flatnonzero(~np.isfinite(c - r))
+    if bad.size:
+        ids = pairs["id"] if "id" in pairs.column_names else list(range(len(pairs)))
+        raise ValueError(_unscored_message(bad.size, len(pairs), "of the training data")
+                         + f"; first: {[str(ids[i]) for i in bad[:5]]}")
 
 
 def _jsonable(d: dict) -> dict:
@@ -230,7 +279,8 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
     (nothing is retrained). Writes ``<output_dir>/final`` (see
     ``rmlib.model.reward_model.save_reward_model``) and ``<output_dir>/metrics.json``.
     """
-    fingerprint = _data_fingerprint(train_pairs, eval_pairs)
+    check_pair_scores(config.loss_spec, train_pairs)
+    fingerprint = _data_fingerprint(train_pairs, eval_pairs, scores=uses_pair_scores(config.loss_spec))
     if reuse:
         done = finished_run(config, fingerprint)
         if done is not None:
@@ -258,6 +308,8 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
         collator = bottom_store.CachedPairCollator(store, pad_token_id=tokenizer.pad_token_id)
     store_seconds = time.perf_counter() - t_store
     keep = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]
+    if uses_pair_scores(config.loss_spec):  # the collators turn them into per-pair margins
+        keep += list(SCORE_COLUMNS)
     trainer = RMTrainer(
         model=model, args=config, train_dataset=train_enc.select_columns(keep),
         data_collator=collator, processing_class=tokenizer,
@@ -302,9 +354,13 @@ def _content_hash(pairs) -> str:
     return h.hexdigest()[:16]
 
 
-def _data_fingerprint(train_pairs, eval_pairs) -> dict:
-    """Identity of the data: sizes and a hash of the prompts and replies."""
+def _data_fingerprint(train_pairs, eval_pairs, scores: bool = False) -> dict:
+    """Identity of the data: sizes and a hash of the prompts and replies (``scores``: and of the
+    training pairs' scores, which a per-pair margin loss reads)."""
     fp = {"train": len(train_pairs), "train_hash": _content_hash(train_pairs)}
+    if scores:
+        fp["train_scores_hash"] = hashlib.sha1(json.dumps(
+            [list(train_pairs[c]) for c in SCORE_COLUMNS]).encode()).hexdigest()[:16]
     if eval_pairs is not None:
         fp.update(eval=len(eval_pairs), eval_hash=_content_hash(eval_pairs))
     return fp
