@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from rmlib.analysis.claims import (
-    NOT_AT_SCALE,
-    OPPOSITE,
-    REL_TOL,
-    REPRODUCED,
-    relative_verdict,
-    verdict_from_comparison,
-)
+from rmlib.analysis import claims
 from rmlib.core.atomic_io import markdown_table, write_text_atomic
 from rmlib.core.paths import REPO_ROOT, in_repo
 from rmlib.pipeline.presets import load_preset
@@ -67,14 +59,14 @@ def section_training(results: Path, figures: Path, rel_to: Path) -> tuple[str, l
     t = pd.concat(rows, ignore_index=True)
     cols = [c for c in ["run", "loss", "regularizer", "mode", "top_k_layers", "train_pairs", "steps", "eval_accuracy",
                         "pairs_per_second", "train_seconds", "bottom_store_seconds"] if c in t.columns]
-    claims = []
+    found = []
     bt = t[(t["loss"] == "bt") & (t["regularizer"] == "none")]
     if len(bt):
         acc = float(bt["eval_accuracy"].max())
-        claims.append({"claim": f"BT reaches >= {SANITY_BAR:.0%} held-out accuracy on HH-RLHF (issue 3 sanity bar)",
-                       "ours": f"{acc:.3f}", "verdict": REPRODUCED if acc >= SANITY_BAR else NOT_AT_SCALE})
+        found.append({"claim": f"BT reaches >= {SANITY_BAR:.0%} held-out accuracy on HH-RLHF (issue 3 sanity bar)",
+                      "ours": f"{acc:.3f}", "verdict": claims.bar_verdict(acc, SANITY_BAR)})
     figs = " ".join(_fig(figures, f"02_training_curves_{r}.png", rel_to) for r in t["run"])
-    return f"### 02 · Training sanity (HH-RLHF harmless)\n\n{markdown_table(t[cols].round(4))}\n\n{figs}\n", claims
+    return f"### 02 · Training sanity (HH-RLHF harmless)\n\n{markdown_table(t[cols].round(4))}\n\n{figs}\n", found
 
 
 def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
@@ -84,12 +76,12 @@ def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list
     f = findings.set_index(["model", "claim"])["value"]
     models = list(dict.fromkeys(findings["model"]))
     bt = next((m for m in models if m.startswith("bt")), None)
-    claims = []
+    found = []
     if bt is not None:
-        growth = f.get((bt, "pair_dist_growth_mean"), math.nan)
-        claims.append({"claim": "under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)",
-                       "ours": f"x{growth:.3f} from step 0 to the end",
-                       "verdict": relative_verdict(growth, 1.0, want_lower=False)})
+        growth = f.get((bt, "pair_dist_growth_mean"), float("nan"))
+        found.append({"claim": "under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)",
+                      "ours": f"x{growth:.3f} from step 0 to the end",
+                      "verdict": claims.relative_verdict(growth, 1.0, want="higher")})
         for m in models:
             if m == bt:
                 continue
@@ -97,16 +89,22 @@ def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list
                               ("h_norm_spread_across_splits", "‖h‖ spreads less across ID/OOD sets than under BT"),
                               ("erank_shift_abs_mean", "effective rank shifts less from train to eval than under BT")]:
                 if (m, key) in f.index:
-                    claims.append({"claim": f"{m}: {text} (BSR §4)", "ours": f"{f[(m, key)]:.3f} vs BT {f[(bt, key)]:.3f}",
-                                   "verdict": relative_verdict(f[(m, key)], f[(bt, key)], want_lower=True)})
+                    found.append({"claim": f"{m}: {text} (BSR §4)", "ours": f"{f[(m, key)]:.3f} vs BT {f[(bt, key)]:.3f}",
+                                  "verdict": claims.relative_verdict(f[(m, key)], f[(bt, key)], want="lower")})
+    # every row against BT's value, by the same rule as the claims above (a table written by an
+    # older notebook may carry another column for it)
+    shown = findings[["model", "claim", "value"]].copy()
+    shown["baseline"] = findings["claim"].map(findings[findings["model"] == bt].set_index("claim")["value"])
+    shown["verdict"] = [None if m == bt else claims.relative_verdict(v, b, want="lower")
+                        for m, v, b in zip(shown["model"], shown["value"], shown["baseline"])]
     shifts = ""
     if erank is not None:
         shifts = markdown_table(erank.pivot(index="model", columns="split", values="shift").round(2).reset_index())
     figs = " ".join(_fig(figures, n, rel_to) for n in ["01_head_norm.png", "01_pair_distance_by_epoch.png",
                                                        "01_hidden_norms_by_split.png", "01_effective_rank.png"])
-    text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{markdown_table(findings.round(4))}\n\n"
+    text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{markdown_table(shown.round(4))}\n\n"
             f"Effective-rank shift, eval set minus training probe:\n\n{shifts}\n\nPaper: {PAPER['erank']}.\n\n{figs}\n")
-    return text, claims
+    return text, found
 
 
 def section_scenarios(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
@@ -116,75 +114,73 @@ def section_scenarios(results: Path, figures: Path, rel_to: Path) -> tuple[str, 
     wide5 = t5.pivot(index="label", columns="scenario", values="value").round(4)
     wide5 = pd.concat([wide5, PAPER["table5"]]).reset_index(names="model")
     wide1 = t1.pivot(index="label", columns="metric", values="value").round(4).reset_index(names="model")
-    claims = []
+    found = []
     if verdicts is not None:
         for _, v in verdicts.iterrows():
             if v["variant"] not in ("bsr", "grm", "bsr_grm") or v["measure"] == "ID (Val1)":  # Val1 is in Table 5 too
                 continue
-            claims.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
-                           "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
-                           "verdict": verdict_from_comparison(v["verdict"])})
+            found.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
+                          "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
+                          "verdict": claims.noise_verdict(v["difference"], v["noise"], want="higher")})
     figs = " ".join(_fig(figures, n, rel_to) for n in ["03_scenarios.png", "03_ood_accuracy.png"])
     text = (f"### 03 · Four over-optimization scenarios (BSR Table 5 shape, AlpacaEval GPT-4 gold)\n\n"
             f"Val1: pairwise accuracy; Val2-4: mean per-prompt Kendall tau-b vs gold; seed means.\n\n"
             f"{markdown_table(wide5)}\n\nPairwise accuracy in and out of distribution (GRM Table 1 shape):\n\n"
             f"{markdown_table(wide1)}\n\nPaper (different data and scale):\n\n"
             f"{markdown_table(PAPER['table1'].reset_index(names='model'))}\n\n{figs}\n")
-    return text, claims
+    return text, found
 
 
 def section_bon(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
     summary, meta = _read(results, "04_bon_summary.csv"), results / "04_bon_meta.json"
     if summary is None:
         return "### 04 · Best-of-N with a synthetic gold\nnot run\n", []
-    claims = []
+    found = []
     for policy, g in summary.groupby("policy", sort=False):
         rows = g.set_index("variant")
         if "bt" in rows.index:
             b = rows.loc["bt"]
             bends = bool(b["gold_bends_down"]) and b["n_gold_peak"] > 1 and b["proxy_norm_final"] > 0
-            claims.append({"claim": "BT's gold curve bends down while its proxy keeps rising (GRM Fig 2)",
-                           "ours": f"gold peak at n={int(b['n_gold_peak'])} of {int(b['n_final'])}, "
+            found.append({"claim": "BT's gold curve bends down while its proxy keeps rising (GRM Fig 2)",
+                          "ours": f"gold peak at n={int(b['n_gold_peak'])} of {int(b['n_final'])}, "
                                    f"final gold {b['gold_norm_final']:+.3f}, proxy {b['proxy_norm_final']:+.3f}",
-                           "verdict": REPRODUCED if bends else NOT_AT_SCALE})
+                          "verdict": claims.observed_verdict(bends)})
         for variant in ("grm", "bsr", "bsr_grm"):
             if variant not in rows.index:
                 continue
             r = rows.loc[variant]
             d, sem = float(r["gold_minus_bt"]), float(r["gold_minus_bt_sem"])
-            verdict = (NOT_AT_SCALE if not (math.isfinite(d) and math.isfinite(sem)) or abs(d) <= 1.96 * sem
-                       else REPRODUCED if d > 0 else OPPOSITE)
-            claims.append({"claim": f"{variant}'s best-of-n pick has higher gold than BT's at the largest n (GRM Fig 2)",
-                           "ours": f"{d:+.3f} (SEM {sem:.3f})", "verdict": verdict})
+            found.append({"claim": f"{variant}'s best-of-n pick has higher gold than BT's at the largest n (GRM Fig 2)",
+                          "ours": f"{d:+.3f} (SEM {sem:.3f})", "verdict": claims.z_verdict(d, sem, want="higher")})
     report = json.loads(meta.read_text()).get("report", "") if meta.exists() else ""
     figs = " ".join(_fig(figures, p.name, rel_to) for p in sorted(figures.glob("04_bon_curves_*.png")))
     cols = ["policy", "variant", "n_seeds", "n_final", "kl_final", "proxy_norm_final", "gold_norm_final",
             "n_gold_peak", "gold_bends_down", "gold_minus_bt", "gold_minus_bt_sem"]
     text = (f"### 04 · Best-of-N with a synthetic gold (GRM Fig 2 shape)\n\n"
             f"{markdown_table(summary[[c for c in cols if c in summary]].round(4))}\n\n{report}\n\n{figs}\n")
-    return text, claims
+    return text, found
 
 
 def section_rloo(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
     summary = _read(results, "05_rloo_summary.csv")
     if summary is None:
         return "### 05 · RLOO against the learned reward models\nnot run\n", []
-    claims = []
+    found = []
     s = summary.set_index("run")
     if {"bt", "bsr"} <= set(s.index):
         b, r = s.loc["bt"], s.loc["bsr"]
         d = float(r["gold_delta"] - b["gold_delta"])
-        noise = 1.96 * math.hypot(float(r["gold_delta_sem"]), float(b["gold_delta_sem"]))
-        verdict = NOT_AT_SCALE if not math.isfinite(d) or abs(d) <= noise else REPRODUCED if d > 0 else OPPOSITE
-        claims.append({"claim": "RLOO against BSR gains more gold reward than against BT (BSR §3.3)",
-                       "ours": f"{r['gold_delta']:+.3f} vs BT {b['gold_delta']:+.3f} (noise {noise:.3f})",
-                       "verdict": verdict})
-        claims.append({"claim": "RLOO against BSR gives shorter answers than against BT (BSR Table 4: 1337 vs 2180 chars)",
-                       "ours": f"{r['length_tokens_end']:.1f} vs BT {b['length_tokens_end']:.1f} tokens",
-                       "verdict": relative_verdict(float(r["length_tokens_end"]), float(b["length_tokens_end"]), True)})
+        sem = claims.combined_sem(r["gold_delta_sem"], b["gold_delta_sem"])  # two independent runs
+        found.append({"claim": "RLOO against BSR gains more gold reward than against BT (BSR §3.3)",
+                      "ours": f"{r['gold_delta']:+.3f} vs BT {b['gold_delta']:+.3f} (noise {claims.z_noise(sem):.3f})",
+                      "verdict": claims.z_verdict(d, sem, want="higher")})
+        found.append({"claim": "RLOO against BSR gives shorter answers than against BT (BSR Table 4: 1337 vs 2180 chars)",
+                      "ours": f"{r['length_tokens_end']:.1f} vs BT {b['length_tokens_end']:.1f} tokens",
+                      "verdict": claims.relative_verdict(float(r["length_tokens_end"]), float(b["length_tokens_end"]),
+                                                         want="lower")})
     figs = " ".join(_fig(figures, p.name, rel_to) for p in sorted(figures.glob("05_*.png")))
     return (f"### 05 · RLOO against the learned reward models (BSR §3.2-3.3)\n\n"
-            f"{markdown_table(summary.round(4))}\n\n{figs}\n"), claims
+            f"{markdown_table(summary.round(4))}\n\n{figs}\n"), found
 
 
 SECTIONS = [section_training, section_norms, section_scenarios, section_bon, section_rloo]
@@ -193,16 +189,15 @@ SECTIONS = [section_training, section_norms, section_scenarios, section_bon, sec
 def build(run_dir: str | Path, figures_dir: str | Path, rel_to: Path = REPO_ROOT, preset: str = "") -> str:
     """The whole results section as Markdown."""
     results, figures = in_repo(run_dir) / "results", in_repo(figures_dir)
-    parts, claims = [], []
+    parts, found = [], []
     for section in SECTIONS:
         text, c = section(results, figures, rel_to)
         parts.append(text)
-        claims += c
+        found += c
     head = (f"Generated by `python -m rmlib.pipeline.report --preset {preset}` from `{Path(run_dir).as_posix()}/results/` "
-            f"(the `{preset}` preset). Verdict rules: seeded comparisons use the noise bar of `rmlib.analysis.claims` "
-            f"(95% intervals and seed spread); single-seed direction claims need a relative difference above "
-            f"{REL_TOL:.0%}; `not at this scale` means the difference is inside that bar.\n")
-    table = markdown_table(pd.DataFrame(claims, columns=["claim", "ours", "verdict"])) if claims else "no claims evaluated"
+            f"(the `{preset}` preset). Verdict rules: {claims.RULES}; `not at this scale` means the difference is "
+            f"inside that bar.\n")
+    table = markdown_table(pd.DataFrame(found, columns=["claim", "ours", "verdict"])) if found else "no claims evaluated"
     return "\n".join([head, "#### Claims of the papers, checked", table, "", *parts])
 
 
