@@ -17,6 +17,7 @@ from numpy.testing import assert_allclose
 
 from rmlib.model.encoding import encode_pairs
 from rmlib.model.reward_model import ModelSpec, build_reward_model, make_head
+from rmlib.analysis import claims
 from rmlib.analysis.dispersion import RECORDS_FILE, HiddenStates, NormProbeCallback, check_decomposition, dispersion_findings, dispersion_statistics, erank_shift_table, hidden_norm_frame, dispersion_summary, distance_frame, effective_rank, extract_hidden, head_cosines, norm_stats, pair_distance_stats, read_records, records_frame, reward_decomposition, skewness, write_records
 from rmlib.reward.config import RMConfig
 from rmlib.reward.trainer import train_reward_model
@@ -329,11 +330,11 @@ class TestComparingModels:
         f = dispersion_findings(records, summaries).set_index(["model", "claim"])
         assert f.loc[("bt", "pair_dist_growth_mean"), "value"] == pytest.approx(3.0)
         assert f.loc[("bsr", "pair_dist_growth_std"), "value"] == pytest.approx(1.2)
-        assert f.loc[("bsr", "pair_dist_growth_mean"), "lower_than_baseline"] is True
-        assert f.loc[("bsr", "erank_shift_abs_mean"), "lower_than_baseline"] is True
+        assert f.loc[("bsr", "pair_dist_growth_mean"), "verdict"] == claims.REPRODUCED  # the rule: test_claims.py
+        assert f.loc[("bsr", "erank_shift_abs_mean"), "verdict"] == claims.REPRODUCED
         spread_bt = np.std([20.0, 12.0]) / np.mean([20.0, 12.0])
         assert f.loc[("bt", "h_norm_spread_across_splits"), "value"] == pytest.approx(spread_bt)
-        assert f.loc[("bt", "erank_shift_abs_mean"), "lower_than_baseline"] is None
+        assert pd.isna(f.loc[("bt", "erank_shift_abs_mean"), "verdict"])
         with pytest.raises(ValueError, match="no 'train' split"):
             erank_shift_table(summaries[summaries["split"] != "train"])
 

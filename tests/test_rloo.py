@@ -329,15 +329,7 @@ class TestTraining:
         table = rloo_curves.summary_table(curves)
         assert list(table["run"]) == ["bt", "bsr"] and (table["steps"] == 3).all()
         text = rloo_curves.describe_runs(table)
-        assert "**bt**" in text and "**bsr**" in text and "standard errors" in text
-        cases = (("up", 0.5, 0.1), ("flat", 0.1, 0.1), ("same", 0.2, 0.0))
-        rows = pd.DataFrame([{"run": r, "step": st, "kl": 0.1 * st, "kl_sem": 0.01, "proxy_delta": d,
-                              "proxy_delta_sem": 0.1, "proxy_std0": 1.0, "gold_delta": d, "gold_delta_sem": sem,
-                              "gold_win_rate": 0.5, "length_tokens": 10.0} for r, d, sem in cases for st in (0, 4)])
-        rows.loc[rows["step"] == 0, ["proxy_delta", "gold_delta"]] = 0.0
-        verdicts = rloo_curves.describe_runs(rloo_curves.summary_table(rows)).splitlines()
-        assert "up beyond 2 standard errors" in verdicts[0] and "within 2 standard errors" in verdicts[1]
-        assert "up beyond" in verdicts[2]  # every sample moved by the same amount: zero spread
+        assert "**bt**" in text and "**bsr**" in text and "standard errors" in text  # the rule: test_claims.py
         fig = plots.rloo_curves_figure(curves)
         assert len(fig.axes) == 4 and len(fig.axes[1].lines) == 2
         long = tracker.curves_frame(result.records, run="bt", long=True)

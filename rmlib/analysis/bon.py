@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from rmlib.analysis import bon
+from rmlib.analysis import bon, claims
 from rmlib.analysis.stats import per_prompt_taus
 from rmlib.analysis.synthetic_gold import (
     GOLD_NAME,
@@ -312,10 +312,11 @@ def summary_table(curves: pd.DataFrame, scores: pd.DataFrame | None = None, base
     return out[SUMMARY_COLUMNS]
 
 
-def describe(summary: pd.DataFrame, baseline: str = "bt", z: float = 1.96) -> str:
+def describe(summary: pd.DataFrame, baseline: str = "bt") -> str:
     """Markdown sentences computed from ``summary_table`` (nothing typed in): for each policy, whether
     the baseline's gold curve bends down while its proxy rises, and whether each other variant ends
-    above / below / indistinguishable from the baseline (paired difference vs z x SEM over prompts)."""
+    above / below / indistinguishable from the baseline (``claims.z_verdict``: the paired difference
+    against Z_95 = 1.96 SEM over prompts)."""
     lines = []
     for policy, g in summary.groupby("policy", sort=False):
         rows = g.set_index("variant")
@@ -348,14 +349,12 @@ def describe(summary: pd.DataFrame, baseline: str = "bt", z: float = 1.96) -> st
             d, sem = r["gold_minus_bt"], r["gold_minus_bt_sem"]
             shape = ("does not bend down" if not r["gold_bends_down"] else "bends down" if r["n_gold_peak"] > 1
                      else "falls from the start")
-            if not (isinstance(d, float) and math.isfinite(d)):
-                verdict = "no paired comparison with the baseline"
-            elif math.isfinite(sem) and d > z * sem:
-                verdict = f"holds up BETTER than {VARIANT_LABELS.get(baseline, baseline)}"
-            elif math.isfinite(sem) and d < -z * sem:
-                verdict = f"does WORSE than {VARIANT_LABELS.get(baseline, baseline)}"
-            else:
-                verdict = f"is indistinguishable from {VARIANT_LABELS.get(baseline, baseline)} at this scale"
+            base_label = VARIANT_LABELS.get(baseline, baseline)
+            verdict = {claims.NOT_RUN: "no paired comparison with the baseline",
+                       claims.REPRODUCED: f"holds up BETTER than {base_label}",
+                       claims.OPPOSITE: f"does WORSE than {base_label}",
+                       claims.NOT_AT_SCALE: f"is indistinguishable from {base_label} at this scale",
+                       }[claims.z_verdict(d, sem, want="higher")]
             lines.append(f"  - {label}: gold {r['gold_norm_final']:+.3f} at n = {r['n_final']}, {shape}; paired gold "
                          f"difference to {VARIANT_LABELS.get(baseline, baseline)} {d:+.3f} (SEM {sem:.3f}): {verdict}.")
         if ORACLE in rows.index:

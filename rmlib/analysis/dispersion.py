@@ -484,7 +484,10 @@ def dispersion_findings(records: dict[str, list[dict]], summaries: pd.DataFrame,
     - ``h_norm_spread``: coefficient of variation of the per-split mean ||h|| across the evaluation
       splits (paper: BSR keeps ||h|| in a narrower band than BT);
     - ``erank_shift``: mean |erank(split) - erank(train)| (paper: BT shifts by +10.4, BSR by +0.1).
-    ``holds`` says whether the model's value is below the baseline's (the paper's direction)."""
+    ``verdict`` is ``claims.relative_verdict`` with the paper's direction (lower than the baseline):
+    reproduced / not at this scale (within 5%) / opposite; empty on the baseline's rows."""
+    from rmlib.analysis import claims  # the one home of verdict rules
+
     rows = []
     for model, recs in records.items():
         first, last = recs[0], recs[-1]
@@ -502,6 +505,6 @@ def dispersion_findings(records: dict[str, list[dict]], summaries: pd.DataFrame,
     out = pd.DataFrame(rows)
     base = out[out["model"] == baseline].set_index("claim")["value"]
     out["baseline"] = out["claim"].map(base)
-    out["lower_than_baseline"] = [None if m == baseline else bool(v < b)
-                                  for m, v, b in zip(out["model"], out["value"], out["baseline"])]
+    out["verdict"] = [None if m == baseline else claims.relative_verdict(v, b, want="lower")
+                      for m, v, b in zip(out["model"], out["value"], out["baseline"])]
     return out

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from rmlib.analysis import claims
+
 
 def _z(delta: float, sem: float) -> float:
     """delta / sem; +-inf for a nonzero delta with zero spread, 0 for no change, NaN if unknown."""
@@ -43,17 +45,19 @@ def summary_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def describe_runs(table: pd.DataFrame, z: float = 2.0) -> str:
+def describe_runs(table: pd.DataFrame) -> str:
     """Plain sentences computed from ``summary_table``: per run, the gold change and whether it
-    exceeds ``z`` standard errors, the proxy change, KL and length change. Claims nothing else."""
+    exceeds Z_95 = 1.96 standard errors (``claims.z_verdict``), the proxy change, KL and length
+    change. Claims nothing else."""
     lines = []
     for r in table.itertuples():
-        if np.isnan(r.gold_delta_z):
+        verdict = claims.z_verdict(r.gold_delta, r.gold_delta_sem, want="higher")
+        if verdict == claims.NOT_RUN or np.isnan(r.gold_delta_z):
             verdict = "no step-0 record to compare with"
-        elif abs(r.gold_delta_z) >= z:
-            verdict = f"{'up' if r.gold_delta > 0 else 'down'} beyond {z:g} standard errors"
+        elif verdict == claims.NOT_AT_SCALE:
+            verdict = f"within {claims.Z_95:g} standard errors of no change"
         else:
-            verdict = f"within {z:g} standard errors of no change"
+            verdict = f"{'up' if r.gold_delta > 0 else 'down'} beyond {claims.Z_95:g} standard errors"
         lines.append(
             f"- **{r.run}** (step {r.steps}, KL {r.kl:.3g} ± {r.kl_sem:.2g} nats): proxy reward "
             f"{r.proxy_delta:+.3g} ({r.proxy_delta_in_std0:+.2f} initial std); gold reward {r.gold_delta:+.3g} "

@@ -2,31 +2,28 @@
 
     python -m rmlib.pipeline.report --preset cpu        # after `make reproduce`; it also runs at its end
 
-Reads ``<run_dir>/results/*.csv`` (written by notebooks 01-05), writes ``<figures_dir>/results.md``
-(every table) and, for the preset whose figures are committed (``figures_dir: figures``), rewrites
-the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. Nothing in
-it is typed by hand: each claim of the papers gets one line, ``reproduced`` / ``not at this
-scale`` / ``opposite``, computed from our numbers by the rules stated next to it.
+Reads the tables and figures notebooks 01-05 recorded in ``<run_dir>/results/manifest.json``
+(``rmlib.core.manifest``: notebook -> role -> files; no file name is assumed here), writes
+``<figures_dir>/results.md`` (every table) and, for the preset whose figures are committed
+(``figures_dir: figures``), rewrites the block between ``<!-- results:start -->`` and
+``<!-- results:end -->`` in README.md. A section whose notebook recorded nothing says "not run";
+without a manifest nothing is written. Nothing in it is typed by hand: each claim of the papers
+gets one line, ``reproduced`` / ``not at this scale`` / ``opposite``, computed from our numbers by
+the rules of ``rmlib.analysis.claims``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from rmlib.analysis.claims import (
-    NOT_AT_SCALE,
-    OPPOSITE,
-    REL_TOL,
-    REPRODUCED,
-    relative_verdict,
-    verdict_from_comparison,
-)
+from rmlib.analysis import claims
+from rmlib.core import manifest
 from rmlib.core.atomic_io import markdown_table, write_text_atomic
 from rmlib.core.paths import REPO_ROOT, in_repo
 from rmlib.pipeline.presets import load_preset
@@ -44,52 +41,83 @@ PAPER = {
                            index=["paper baseline (Gemma-2B, 40K)", "paper GRM-SFT (Gemma-2B, 40K)"]),
 }
 
+# The notebooks and the roles of theirs this report reads (``manifest.record_result`` in each notebook).
+TRAIN, NORMS, SCENARIOS, BON, RLOO = "02_train_rm", "01_norm_dispersion", "03_overopt_scenarios", "04_bon_curves", "05_rloo"
+FIGURE = "figure"
+READS = {
+    TRAIN: ("training", FIGURE),
+    NORMS: ("findings", "erank_shift", FIGURE),
+    SCENARIOS: ("table5", "table1", "verdicts", FIGURE),
+    BON: ("bon_summary", "meta", FIGURE),
+    RLOO: ("rloo_summary", FIGURE),
+}
+
 
 SANITY_BAR = 0.62  # issue 3: BT on HH-RLHF, ~1,800 train / 500 held-out pairs, 256 tokens
 
 
-def _read(results: Path, name: str) -> pd.DataFrame | None:
-    path = results / name
-    return pd.read_csv(path) if path.exists() else None
+class Results:
+    """A run's recorded results, looked up by (notebook, role) in its manifest."""
 
+    def __init__(self, run_dir: str | os.PathLike, rel_to: Path):
+        self.run_dir, self.rel_to = Path(run_dir), Path(rel_to)
+        self.manifest = manifest.read_manifest(self.run_dir)
 
-def _fig(figures: Path, name: str, rel_to: Path) -> str:
-    """A Markdown image link to ``figures/name``, or "" when the run did not render it there."""
-    path = figures / name
-    return f"![{name}]({path.relative_to(rel_to).as_posix()})" if path.exists() else ""
+    def _files(self, notebook: str, role: str) -> list[Path]:
+        if role not in READS.get(notebook, ()):
+            raise KeyError(f"the report does not declare reading {notebook}/{role}; add it to READS")
+        return manifest.recorded(self.run_dir, notebook, role, self.manifest)
+
+    def table(self, notebook: str, role: str) -> pd.DataFrame | None:
+        """The table last recorded for (notebook, role), or None when it was not recorded."""
+        files = self._files(notebook, role)
+        return pd.read_csv(files[-1]) if files else None
+
+    def tables(self, notebook: str, role: str) -> list[pd.DataFrame]:
+        """Every table recorded for (notebook, role), in recording order."""
+        return [pd.read_csv(p) for p in self._files(notebook, role)]
+
+    def json(self, notebook: str, role: str) -> dict | None:
+        files = self._files(notebook, role)
+        return json.loads(files[-1].read_text(encoding="utf-8")) if files else None
+
+    def figures(self, notebook: str) -> str:
+        """Markdown image links to the notebook's recorded figures, relative to ``rel_to``."""
+        return " ".join(f"![{p.name}]({Path(os.path.relpath(p, self.rel_to)).as_posix()})"
+                        for p in self._files(notebook, FIGURE))
 
 
 # -- sections --------------------------------------------------------------------------------------
-def section_training(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
-    rows = [pd.read_csv(p) for p in sorted(results.glob("02_train_rm_*.csv"))]
+def section_training(r: Results) -> tuple[str, list[dict]]:
+    rows = r.tables(TRAIN, "training")
     if not rows:
-        return "### 02 · Training sanity\nnot run\n", []
+        return f"### 02 · Training sanity\n{claims.NOT_RUN}\n", []
     t = pd.concat(rows, ignore_index=True)
     cols = [c for c in ["run", "loss", "regularizer", "mode", "top_k_layers", "train_pairs", "steps", "eval_accuracy",
                         "pairs_per_second", "train_seconds", "bottom_store_seconds"] if c in t.columns]
-    claims = []
+    found = []
     bt = t[(t["loss"] == "bt") & (t["regularizer"] == "none")]
     if len(bt):
         acc = float(bt["eval_accuracy"].max())
-        claims.append({"claim": f"BT reaches >= {SANITY_BAR:.0%} held-out accuracy on HH-RLHF (issue 3 sanity bar)",
-                       "ours": f"{acc:.3f}", "verdict": REPRODUCED if acc >= SANITY_BAR else NOT_AT_SCALE})
-    figs = " ".join(_fig(figures, f"02_training_curves_{r}.png", rel_to) for r in t["run"])
-    return f"### 02 · Training sanity (HH-RLHF harmless)\n\n{markdown_table(t[cols].round(4))}\n\n{figs}\n", claims
+        found.append({"claim": f"BT reaches >= {SANITY_BAR:.0%} held-out accuracy on HH-RLHF (issue 3 sanity bar)",
+                      "ours": f"{acc:.3f}", "verdict": claims.bar_verdict(acc, SANITY_BAR)})
+    return (f"### 02 · Training sanity (HH-RLHF harmless)\n\n{markdown_table(t[cols].round(4))}\n\n"
+            f"{r.figures(TRAIN)}\n"), found
 
 
-def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
-    findings, erank = _read(results, "01_findings.csv"), _read(results, "01_erank_shift.csv")
+def section_norms(r: Results) -> tuple[str, list[dict]]:
+    findings, erank = r.table(NORMS, "findings"), r.table(NORMS, "erank_shift")
     if findings is None:
-        return "### 01 · Hidden-state norm dispersion\nnot run\n", []
+        return f"### 01 · Hidden-state norm dispersion\n{claims.NOT_RUN}\n", []
     f = findings.set_index(["model", "claim"])["value"]
     models = list(dict.fromkeys(findings["model"]))
     bt = next((m for m in models if m.startswith("bt")), None)
-    claims = []
+    found = []
     if bt is not None:
-        growth = f.get((bt, "pair_dist_growth_mean"), math.nan)
-        claims.append({"claim": "under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)",
-                       "ours": f"x{growth:.3f} from step 0 to the end",
-                       "verdict": relative_verdict(growth, 1.0, want_lower=False)})
+        growth = f.get((bt, "pair_dist_growth_mean"), float("nan"))
+        found.append({"claim": "under BT, the mean ‖h_c − h_r‖ on training pairs grows over training (BSR Fig 2)",
+                      "ours": f"x{growth:.3f} from step 0 to the end",
+                      "verdict": claims.relative_verdict(growth, 1.0, want="higher")})
         for m in models:
             if m == bt:
                 continue
@@ -97,112 +125,111 @@ def section_norms(results: Path, figures: Path, rel_to: Path) -> tuple[str, list
                               ("h_norm_spread_across_splits", "‖h‖ spreads less across ID/OOD sets than under BT"),
                               ("erank_shift_abs_mean", "effective rank shifts less from train to eval than under BT")]:
                 if (m, key) in f.index:
-                    claims.append({"claim": f"{m}: {text} (BSR §4)", "ours": f"{f[(m, key)]:.3f} vs BT {f[(bt, key)]:.3f}",
-                                   "verdict": relative_verdict(f[(m, key)], f[(bt, key)], want_lower=True)})
+                    found.append({"claim": f"{m}: {text} (BSR §4)", "ours": f"{f[(m, key)]:.3f} vs BT {f[(bt, key)]:.3f}",
+                                  "verdict": claims.relative_verdict(f[(m, key)], f[(bt, key)], want="lower")})
+    # every row against BT's value, by the same rule as the claims above (a table written by an
+    # older notebook may carry another column for it)
+    shown = findings[["model", "claim", "value"]].copy()
+    shown["baseline"] = findings["claim"].map(findings[findings["model"] == bt].set_index("claim")["value"])
+    shown["verdict"] = [None if m == bt else claims.relative_verdict(v, b, want="lower")
+                        for m, v, b in zip(shown["model"], shown["value"], shown["baseline"])]
     shifts = ""
     if erank is not None:
         shifts = markdown_table(erank.pivot(index="model", columns="split", values="shift").round(2).reset_index())
-    figs = " ".join(_fig(figures, n, rel_to) for n in ["01_head_norm.png", "01_pair_distance_by_epoch.png",
-                                                       "01_hidden_norms_by_split.png", "01_effective_rank.png"])
-    text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{markdown_table(findings.round(4))}\n\n"
-            f"Effective-rank shift, eval set minus training probe:\n\n{shifts}\n\nPaper: {PAPER['erank']}.\n\n{figs}\n")
-    return text, claims
+    text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{markdown_table(shown.round(4))}\n\n"
+            f"Effective-rank shift, eval set minus training probe:\n\n{shifts}\n\nPaper: {PAPER['erank']}.\n\n"
+            f"{r.figures(NORMS)}\n")
+    return text, found
 
 
-def section_scenarios(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
-    t5, t1, verdicts = (_read(results, n) for n in ("03_table5.csv", "03_table1.csv", "03_verdicts.csv"))
-    if t5 is None:
-        return "### 03 · Four over-optimization scenarios\nnot run\n", []
+def section_scenarios(r: Results) -> tuple[str, list[dict]]:
+    t5, t1, verdicts = (r.table(SCENARIOS, role) for role in ("table5", "table1", "verdicts"))
+    if t5 is None or t1 is None:
+        return f"### 03 · Four over-optimization scenarios\n{claims.NOT_RUN}\n", []
     wide5 = t5.pivot(index="label", columns="scenario", values="value").round(4)
     wide5 = pd.concat([wide5, PAPER["table5"]]).reset_index(names="model")
     wide1 = t1.pivot(index="label", columns="metric", values="value").round(4).reset_index(names="model")
-    claims = []
+    found = []
     if verdicts is not None:
         for _, v in verdicts.iterrows():
             if v["variant"] not in ("bsr", "grm", "bsr_grm") or v["measure"] == "ID (Val1)":  # Val1 is in Table 5 too
                 continue
-            claims.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
-                           "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
-                           "verdict": verdict_from_comparison(v["verdict"])})
-    figs = " ".join(_fig(figures, n, rel_to) for n in ["03_scenarios.png", "03_ood_accuracy.png"])
+            found.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
+                          "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
+                          "verdict": claims.noise_verdict(v["difference"], v["noise"], want="higher")})
     text = (f"### 03 · Four over-optimization scenarios (BSR Table 5 shape, AlpacaEval GPT-4 gold)\n\n"
             f"Val1: pairwise accuracy; Val2-4: mean per-prompt Kendall tau-b vs gold; seed means.\n\n"
             f"{markdown_table(wide5)}\n\nPairwise accuracy in and out of distribution (GRM Table 1 shape):\n\n"
             f"{markdown_table(wide1)}\n\nPaper (different data and scale):\n\n"
-            f"{markdown_table(PAPER['table1'].reset_index(names='model'))}\n\n{figs}\n")
-    return text, claims
+            f"{markdown_table(PAPER['table1'].reset_index(names='model'))}\n\n{r.figures(SCENARIOS)}\n")
+    return text, found
 
 
-def section_bon(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
-    summary, meta = _read(results, "04_bon_summary.csv"), results / "04_bon_meta.json"
+def section_bon(r: Results) -> tuple[str, list[dict]]:
+    summary, meta = r.table(BON, "bon_summary"), r.json(BON, "meta")
     if summary is None:
-        return "### 04 · Best-of-N with a synthetic gold\nnot run\n", []
-    claims = []
+        return f"### 04 · Best-of-N with a synthetic gold\n{claims.NOT_RUN}\n", []
+    found = []
     for policy, g in summary.groupby("policy", sort=False):
         rows = g.set_index("variant")
         if "bt" in rows.index:
             b = rows.loc["bt"]
             bends = bool(b["gold_bends_down"]) and b["n_gold_peak"] > 1 and b["proxy_norm_final"] > 0
-            claims.append({"claim": "BT's gold curve bends down while its proxy keeps rising (GRM Fig 2)",
-                           "ours": f"gold peak at n={int(b['n_gold_peak'])} of {int(b['n_final'])}, "
-                                   f"final gold {b['gold_norm_final']:+.3f}, proxy {b['proxy_norm_final']:+.3f}",
-                           "verdict": REPRODUCED if bends else NOT_AT_SCALE})
+            found.append({"claim": "BT's gold curve bends down while its proxy keeps rising (GRM Fig 2)",
+                          "ours": f"gold peak at n={int(b['n_gold_peak'])} of {int(b['n_final'])}, "
+                                  f"final gold {b['gold_norm_final']:+.3f}, proxy {b['proxy_norm_final']:+.3f}",
+                          "verdict": claims.observed_verdict(bends)})
         for variant in ("grm", "bsr", "bsr_grm"):
             if variant not in rows.index:
                 continue
-            r = rows.loc[variant]
-            d, sem = float(r["gold_minus_bt"]), float(r["gold_minus_bt_sem"])
-            verdict = (NOT_AT_SCALE if not (math.isfinite(d) and math.isfinite(sem)) or abs(d) <= 1.96 * sem
-                       else REPRODUCED if d > 0 else OPPOSITE)
-            claims.append({"claim": f"{variant}'s best-of-n pick has higher gold than BT's at the largest n (GRM Fig 2)",
-                           "ours": f"{d:+.3f} (SEM {sem:.3f})", "verdict": verdict})
-    report = json.loads(meta.read_text()).get("report", "") if meta.exists() else ""
-    figs = " ".join(_fig(figures, p.name, rel_to) for p in sorted(figures.glob("04_bon_curves_*.png")))
+            v = rows.loc[variant]
+            d, sem = float(v["gold_minus_bt"]), float(v["gold_minus_bt_sem"])
+            found.append({"claim": f"{variant}'s best-of-n pick has higher gold than BT's at the largest n (GRM Fig 2)",
+                          "ours": f"{d:+.3f} (SEM {sem:.3f})", "verdict": claims.z_verdict(d, sem, want="higher")})
+    report = (meta or {}).get("report", "")
     cols = ["policy", "variant", "n_seeds", "n_final", "kl_final", "proxy_norm_final", "gold_norm_final",
             "n_gold_peak", "gold_bends_down", "gold_minus_bt", "gold_minus_bt_sem"]
     text = (f"### 04 · Best-of-N with a synthetic gold (GRM Fig 2 shape)\n\n"
-            f"{markdown_table(summary[[c for c in cols if c in summary]].round(4))}\n\n{report}\n\n{figs}\n")
-    return text, claims
+            f"{markdown_table(summary[[c for c in cols if c in summary]].round(4))}\n\n{report}\n\n{r.figures(BON)}\n")
+    return text, found
 
 
-def section_rloo(results: Path, figures: Path, rel_to: Path) -> tuple[str, list[dict]]:
-    summary = _read(results, "05_rloo_summary.csv")
+def section_rloo(r: Results) -> tuple[str, list[dict]]:
+    summary = r.table(RLOO, "rloo_summary")
     if summary is None:
-        return "### 05 · RLOO against the learned reward models\nnot run\n", []
-    claims = []
+        return f"### 05 · RLOO against the learned reward models\n{claims.NOT_RUN}\n", []
+    found = []
     s = summary.set_index("run")
     if {"bt", "bsr"} <= set(s.index):
-        b, r = s.loc["bt"], s.loc["bsr"]
-        d = float(r["gold_delta"] - b["gold_delta"])
-        noise = 1.96 * math.hypot(float(r["gold_delta_sem"]), float(b["gold_delta_sem"]))
-        verdict = NOT_AT_SCALE if not math.isfinite(d) or abs(d) <= noise else REPRODUCED if d > 0 else OPPOSITE
-        claims.append({"claim": "RLOO against BSR gains more gold reward than against BT (BSR §3.3)",
-                       "ours": f"{r['gold_delta']:+.3f} vs BT {b['gold_delta']:+.3f} (noise {noise:.3f})",
-                       "verdict": verdict})
-        claims.append({"claim": "RLOO against BSR gives shorter answers than against BT (BSR Table 4: 1337 vs 2180 chars)",
-                       "ours": f"{r['length_tokens_end']:.1f} vs BT {b['length_tokens_end']:.1f} tokens",
-                       "verdict": relative_verdict(float(r["length_tokens_end"]), float(b["length_tokens_end"]), True)})
-    figs = " ".join(_fig(figures, p.name, rel_to) for p in sorted(figures.glob("05_*.png")))
+        b, v = s.loc["bt"], s.loc["bsr"]
+        d = float(v["gold_delta"] - b["gold_delta"])
+        sem = claims.combined_sem(v["gold_delta_sem"], b["gold_delta_sem"])  # two independent runs
+        found.append({"claim": "RLOO against BSR gains more gold reward than against BT (BSR §3.3)",
+                      "ours": f"{v['gold_delta']:+.3f} vs BT {b['gold_delta']:+.3f} (noise {claims.z_noise(sem):.3f})",
+                      "verdict": claims.z_verdict(d, sem, want="higher")})
+        found.append({"claim": "RLOO against BSR gives shorter answers than against BT (BSR Table 4: 1337 vs 2180 chars)",
+                      "ours": f"{v['length_tokens_end']:.1f} vs BT {b['length_tokens_end']:.1f} tokens",
+                      "verdict": claims.relative_verdict(float(v["length_tokens_end"]), float(b["length_tokens_end"]),
+                                                         want="lower")})
     return (f"### 05 · RLOO against the learned reward models (BSR §3.2-3.3)\n\n"
-            f"{markdown_table(summary.round(4))}\n\n{figs}\n"), claims
+            f"{markdown_table(summary.round(4))}\n\n{r.figures(RLOO)}\n"), found
 
 
 SECTIONS = [section_training, section_norms, section_scenarios, section_bon, section_rloo]
 
 
-def build(run_dir: str | Path, figures_dir: str | Path, rel_to: Path = REPO_ROOT, preset: str = "") -> str:
-    """The whole results section as Markdown."""
-    results, figures = in_repo(run_dir) / "results", in_repo(figures_dir)
-    parts, claims = [], []
+def build(run_dir: str | Path, rel_to: Path = REPO_ROOT, preset: str = "") -> str:
+    """The whole results section as Markdown, from the run's manifest (figure links relative to ``rel_to``)."""
+    results = Results(in_repo(run_dir), rel_to)
+    parts, found = [], []
     for section in SECTIONS:
-        text, c = section(results, figures, rel_to)
+        text, c = section(results)
         parts.append(text)
-        claims += c
+        found += c
     head = (f"Generated by `python -m rmlib.pipeline.report --preset {preset}` from `{Path(run_dir).as_posix()}/results/` "
-            f"(the `{preset}` preset). Verdict rules: seeded comparisons use the noise bar of `rmlib.analysis.claims` "
-            f"(95% intervals and seed spread); single-seed direction claims need a relative difference above "
-            f"{REL_TOL:.0%}; `not at this scale` means the difference is inside that bar.\n")
-    table = markdown_table(pd.DataFrame(claims, columns=["claim", "ours", "verdict"])) if claims else "no claims evaluated"
+            f"(the `{preset}` preset). Verdict rules: {claims.RULES}; `not at this scale` means the difference is "
+            f"inside that bar.\n")
+    table = markdown_table(pd.DataFrame(found, columns=["claim", "ours", "verdict"])) if found else "no claims evaluated"
     return "\n".join([head, "#### Claims of the papers, checked", table, "", *parts])
 
 
@@ -224,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     common = load_preset(args.preset).get("common") or {}
     run_dir, figures_dir = common.get("run_dir", f"runs/{args.preset}"), common.get("figures_dir", "figures")
+    if not manifest.manifest_path(in_repo(run_dir)).exists():  # keep the committed results rather than "not run"
+        print(f"no results manifest at {Path(run_dir).as_posix()}/results/{manifest.MANIFEST_NAME}: no notebook of "
+              f"preset {args.preset!r} has run (make reproduce PRESET={args.preset}); nothing written", file=sys.stderr)
+        return 1
     figures = in_repo(figures_dir)
-    write_text_atomic(figures / "results.md", "# Results\n\n" + build(run_dir, figures_dir, figures, args.preset))
+    write_text_atomic(figures / "results.md", "# Results\n\n" + build(run_dir, figures, args.preset))
     if not args.no_readme and Path(figures_dir) == Path("figures"):
-        update_readme(build(run_dir, figures_dir, REPO_ROOT, args.preset))
+        update_readme(build(run_dir, REPO_ROOT, args.preset))
         print(f"README.md results section rewritten from {run_dir}/results")
     print(f"wrote {figures / 'results.md'}")
     return 0
