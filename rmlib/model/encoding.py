@@ -114,7 +114,8 @@ class PairCollator:
     """Batch B encoded pairs into 2B right-padded sequences: rows [0, B) chosen, [B, 2B) rejected.
 
     Returns input_ids, attention_mask and response_mask (1 on reply tokens), shapes (2B, T), and
-    ``margin`` (B,) when the pairs carry scores (``pair_margins``).
+    ``margin`` (B,) when the pairs carry scores (``pair_margins``). Ours because TRL's reward-model
+    collator has no response mask (GRM's regularizers need it) and its DPO collator no margin.
     """
 
     pad_token_id: int
