@@ -17,7 +17,8 @@ Layers, bottom to top; each imports only from the layers listed before it (``tes
                     reward function), tracker (gold/proxy/KL/length records), trainer (train_rloo)
   analysis/         stats (bootstrap, tau-b, seed means), claims (the ONE set of verdict rules),
                     benchmarks, dispersion (BSR §4 norms + probe callback), scenarios (BSR Table 5),
-                    bon (exact Best-of-N curves), synthetic_gold (gold, proxies, relabeling),
+                    bon (exact Best-of-N curves), synthetic_gold (gold, proxies, relabeling), bon_runs
+                    (training, sampling and scoring them for notebook 04),
                     rloo_curves
   plots.py          every figure
   pipeline/         presets (the one reader of params/*.yaml), reproduce (`make reproduce`),

@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from rmlib.analysis import bon, claims
 from rmlib.model import score_cache
-from rmlib.analysis import synthetic_gold
+from rmlib.analysis import bon_runs, synthetic_gold
 from rmlib import plots
 from rmlib.data import RESPONSE_FEATURES, load_alpaca_eval_responses, load_hh_rlhf, load_mt_bench_questions
 from rmlib.data.schema import pair_row, to_dataset
@@ -394,7 +394,7 @@ class TestCurves:
 
 
 def test_save_meta_writes_plain_json(tmp_path):
-    path = synthetic_gold.save_meta(tmp_path / "m.json", sizes=pd.DataFrame({"a": [1, 2]}), n=np.int64(3),
+    path = bon_runs.save_meta(tmp_path / "m.json", sizes=pd.DataFrame({"a": [1, 2]}), n=np.int64(3),
                           where=tmp_path, nested={"x": (np.float32(0.5),)})
     assert json.loads(path.read_text()) == {"sizes": [{"a": 1}, {"a": 2}], "n": 3, "where": str(tmp_path),
                                             "nested": {"x": [0.5]}}
@@ -430,16 +430,16 @@ def test_score_pairs_cached_reuses_only_the_same_model(saved_rms, tmp_path, monk
 
     calls = []
     original = benchmarks.model_pair_scorer
-    monkeypatch.setattr(synthetic_gold, "model_pair_scorer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(bon_runs, "model_pair_scorer", lambda *a, **k: calls.append(1) or original(*a, **k))
     pairs, path = small_pairs(), tmp_path / "gold_pool.csv"
     kw = dict(max_length=64, batch_size=4, bf16=False, progress=False)
-    first = synthetic_gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
-    again = synthetic_gold.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
+    first = bon_runs.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
+    again = bon_runs.score_pairs_cached(saved_rms["bon_gold"], pairs, path, **kw)
     assert len(calls) == 1 and np.allclose(first["chosen"], again["chosen"])
     assert first["chosen"].notna().all() and (first["chosen"] != first["rejected"]).all()
-    other = synthetic_gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **kw)  # another model: recomputed
+    other = bon_runs.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **kw)  # another model: recomputed
     assert len(calls) == 2 and not np.allclose(other["chosen"], first["chosen"])
-    synthetic_gold.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **{**kw, "max_length": 48})
+    bon_runs.score_pairs_cached(saved_rms["bon_proxy_bt_s0"], pairs, path, **{**kw, "max_length": 48})
     assert len(calls) == 3
 
 
@@ -450,7 +450,7 @@ def test_score_with_all_matches_each_model_alone(saved_rms, tokenizer, tmp_path)
                             "messages": [[{"role": "user", "content": "Hi?"}]] * 2 + [[{"role": "user",
                                                                                           "content": "Why?"}]],
                             "response": ["Hello there.", "Go away.", "Because of physics."]})
-    scores = synthetic_gold.score_with_all(saved_rms, samples, tmp_path / "scores.jsonl", bf16=False, progress=False)
+    scores = bon_runs.score_with_all(saved_rms, samples, tmp_path / "scores.jsonl", bf16=False, progress=False)
     assert list(scores.columns) == ["prompt_id", "sample_index", *saved_rms]
     for name, path in saved_rms.items():
         alone = score_cache.score_samples(load_reward_model(path), tokenizer, samples, bf16=False, progress=False)
@@ -458,7 +458,7 @@ def test_score_with_all_matches_each_model_alone(saved_rms, tokenizer, tmp_path)
     cached = [json.loads(line)["rm"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert {k.split("@")[0] for k in cached} == set(saved_rms) and all("@" in k for k in cached)
     with pytest.raises(FileNotFoundError, match="bon_nothing"):
-        synthetic_gold.score_with_all({"bon_nothing": tmp_path / "nope"}, samples, tmp_path / "s.jsonl")
+        bon_runs.score_with_all({"bon_nothing": tmp_path / "nope"}, samples, tmp_path / "s.jsonl")
 
 
 def test_train_runs_table_trains_then_reuses(tiny_backbone, tmp_path):
@@ -468,11 +468,11 @@ def test_train_runs_table_trains_then_reuses(tiny_backbone, tmp_path):
     cfgs = synthetic_gold.proxy_configs(tmp_path, ["bt", "grm"], [0], backbone=tiny_backbone, mode="topk", top_k_layers=1,
                               max_steps=2, per_device_train_batch_size=2, bf16=False, disable_tqdm=True,
                               logging_steps=1, learning_rate=1e-3)
-    first = synthetic_gold.train_runs_table(cfgs, pairs)
+    first = bon_runs.train_runs_table(cfgs, pairs)
     assert list(first["name"]) == ["bon_proxy_bt_s0", "bon_proxy_grm_s0"]
     assert list(first["variant"]) == ["bt", "grm"] and (first["steps"] == 2).all()
     assert set(synthetic_gold.trained_models(tmp_path)) == {"bon_proxy_bt_s0", "bon_proxy_grm_s0"}
     meta = json.loads((tmp_path / "models" / "bon_proxy_grm_s0" / "metrics.json").read_text())
     assert meta["config"]["regularizer"] == "sft" and meta["config"]["seed"] == 0
-    second = synthetic_gold.train_runs_table(cfgs, pairs)  # reused: same metrics, nothing retrained
+    second = bon_runs.train_runs_table(cfgs, pairs)  # reused: same metrics, nothing retrained
     assert second["train_seconds"].tolist() == first["train_seconds"].tolist()

@@ -1,0 +1,151 @@
+"""Running the synthetic-gold Best-of-N experiment (notebook 04): train the gold and proxies (or
+reuse them), score the proxy pool with the gold, sample the policy, score every sample with every
+reward model, save the run's bookkeeping. Each step is resumable or cached; the setup it runs
+(names, prompt split, relabeling, configs) is ``rmlib.analysis.synthetic_gold``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+
+from rmlib.analysis.benchmarks import model_pair_scorer
+from rmlib.analysis.stats import pairwise_accuracy_table
+from rmlib.analysis.synthetic_gold import (
+    PROXY_PREFIX,
+    parse_proxy_name,
+)
+from rmlib.core.atomic_io import write_json_atomic, write_table_atomic
+from rmlib.core.precision import resolve_bf16
+from rmlib.model import assets, generation, reward_model, score_cache
+from rmlib.model.assets import load_tokenizer
+from rmlib.model.reward_model import load_reward_model
+from rmlib.reward import variants as rm_variants
+
+
+
+def score_pairs_cached(final_dir, pairs: Dataset, path, max_length: int = 256, batch_size: int = 8,
+                       bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Rewards of every pair's chosen and rejected reply by the reward model in ``final_dir``
+    (``rmlib.analysis.benchmarks.model_pair_scorer``: prompt cut from the left; replies identical after truncation
+    get NaN). Cached in ``path`` (CSV: id, chosen, rejected, model, max_length); the cache is used
+    only when the model (``reward_model.model_digest``), max_length and pair ids all match."""
+
+    path, digest, ids = Path(path), reward_model.model_digest(final_dir), list(pairs["id"])
+    if path.exists():
+        old = pd.read_csv(path, dtype={"id": str, "model": str})
+        if (len(old) == len(ids) and old["id"].tolist() == ids and (old["model"] == digest).all()
+                and (old["max_length"] == max_length).all()):
+            return old
+    model, tok = load_reward_model(final_dir), load_tokenizer(final_dir)
+    c, r = model_pair_scorer(model, tok, max_length, batch_size, bf16, progress)(pairs)
+    out = pd.DataFrame({"id": ids, "chosen": c, "rejected": r, "model": digest, "max_length": max_length})
+    write_table_atomic(path, out)
+    del model
+    gc.collect()
+    return out
+
+
+def gold_quality_table(pairs: Dataset, chosen_scores, rejected_scores, n_boot: int = 1000,
+                       seed: int = 0) -> pd.DataFrame:
+    """The gold's pairwise accuracy against the ORIGINAL labels of held-out pairs, by source
+    (alpaca_eval: GPT-4 judgments; hh-rlhf: human), ties and NaN counted wrong, 95% bootstrap CI."""
+
+    table = pairwise_accuracy_table(chosen_scores, rejected_scores, list(pairs["source"]), n_boot=n_boot, seed=seed)
+    labels = {"alpaca_eval": "alpaca_eval (vs GPT-4)", "hh-rlhf/harmless-base": "hh-rlhf (vs human)"}
+    return table.assign(category=table["category"].map(lambda c: labels.get(c, c))).rename(
+        columns={"category": "held_out_set"})
+
+
+def train_runs_table(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None) -> pd.DataFrame:
+    """Train (or reuse) every config in turn (``rmlib.reward.variants.train_configs``); one row per run:
+    name, variant, seed, final_dir, train_pairs, steps, train_seconds, pairs_per_second, train_loss,
+    eval_accuracy (with ``eval_pairs``), wall_seconds (small when a finished run was reused)."""
+    rows = []
+    for name, config in configs.items():
+        t0 = time.perf_counter()
+        result = rm_variants.train_configs({name: config}, train_pairs, eval_pairs)[name]
+        wall = time.perf_counter() - t0
+        variant, seed = parse_proxy_name(name) if name.startswith(PROXY_PREFIX) else ("gold", config.seed)
+        m = result.metrics
+        rows.append({"name": name, "variant": variant, "seed": seed, "final_dir": str(result.final_dir),
+                     "train_pairs": m.get("train_pairs"), "steps": m.get("steps"),
+                     "train_seconds": m.get("train_seconds"), "pairs_per_second": m.get("pairs_per_second"),
+                     "train_loss": m.get("train_loss"), "eval_accuracy": m.get("eval_accuracy", math.nan),
+                     "wall_seconds": wall})
+    return pd.DataFrame(rows)
+
+
+def policy_slug(policy: str) -> str:
+    """A folder-safe name for a policy (short name, path or hub id)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(policy)).strip("_") or "policy"
+
+
+def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_size: int = 32,
+                  max_new_tokens: int = 96, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
+                  bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """N samples per BoN prompt from ``policy`` with its chat template (``generation.sample_responses``:
+    resumable, per-sample seeds). The policy loads in bf16 when ``bf16`` resolves true (``rmlib.core.precision``; no per-step
+    weight casts)."""
+
+
+    if not {"prompt_id", "messages"} <= set(prompts.columns):
+        raise ValueError("prompts needs prompt_id and messages columns (GoldSplit.bon_prompts)")
+
+    bf16 = resolve_bf16(bf16)
+    tok = assets.load_tokenizer(policy)
+    model = assets.load_causal_lm(policy, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    try:
+        return generation.sample_responses(model, tok, [list(m) for m in prompts["messages"]], list(prompts["prompt_id"]),
+                                    n=n, out_path=out_path, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed, bf16=bf16, progress=progress)
+    finally:
+        del model
+        gc.collect()
+
+
+def score_with_all(model_dirs: Mapping[str, Path], samples: pd.DataFrame, cache_path, max_length: int | None = None,
+                   batch_size: int = 16, bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Score every sample with every saved reward model (gold and proxies), one model at a time
+    (``score_cache.score_samples_multi``): the top-k models share the bottom store, so the samples' frozen
+    bottom runs once in all. Cached per model version in ``cache_path``. Returns prompt_id,
+    sample_index and one column per model name."""
+
+    missing = [n for n, p in model_dirs.items() if not (Path(p) / "rmlib_reward.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no finished reward model for {missing} (train them first)")
+    keys = {n: f"{n}@{reward_model.model_digest(p)}" for n, p in model_dirs.items()}
+    tokenizer = load_tokenizer(next(iter(model_dirs.values())))
+    return score_cache.score_samples_multi({n: Path(p) for n, p in model_dirs.items()}, tokenizer, samples, cache_path,
+                                   batch_size=batch_size, bf16=bf16, max_length=max_length, cache_keys=keys,
+                                   progress=progress)
+
+
+def save_meta(path, **parts) -> Path:
+    """Write the run's bookkeeping (split sizes, relabel report, timings, config) as JSON, atomically."""
+    def plain(x):
+        if isinstance(x, pd.DataFrame):
+            return json.loads(x.to_json(orient="records"))
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.integer, np.floating, np.bool_)):
+            return x.item()
+        if isinstance(x, Path):
+            return str(x)
+        return x
+
+    return write_json_atomic(path, plain(parts))
