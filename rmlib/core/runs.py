@@ -1,5 +1,5 @@
 """Run folders of the resumable training loops (reward models, RLOO): which checkpoint to resume,
-what to set aside as another run's, whether a finished run is there.
+what to set aside as another run's, whether a finished run is there, and records that survive a resume.
 
 A run folder holds ``checkpoint-N/`` folders (the HF Trainer's), the run's outputs (``final/``, a
 result file) and an identity (a JSON-able dict: what makes two runs the same run) written into
@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rmlib.core.atomic_io import read_json, write_text_atomic
@@ -122,3 +123,74 @@ def finished_result(output_dir: str | os.PathLike, result_file: str, expected: d
     if any(meta.get(key) != value for key, value in expected.items()):
         return None
     return meta
+
+
+# -- records taken during training ------------------------------------------------------------------
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL records file (one JSON object per line)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
+    """Rewrite ``path`` with all records, one JSON object per line, atomically."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class RecordsCallback(TrainerCallback):
+    """Records (dicts with a ``step``) taken during training, kept so that a resumed run ends with
+    the records of an uninterrupted one.
+
+    Each new record rewrites ``<output_dir>/<filename>`` (``_record`` calls ``_write``); ``on_save``
+    writes the records into the checkpoint folder. On a resumed run (``global_step > 0`` at train
+    begin) they are reloaded from the newest ``checkpoint-N`` with N <= global_step (else from the
+    output-dir file) and records past global_step are dropped. At step 0 ``_record`` takes the first.
+
+    Subclasses set ``filename`` and ``label`` (for the log) and implement ``_record(args, state,
+    model)``: measure, append to ``self.records``, ``self._write(args, state, self._path(args))``.
+    Only the main process writes files.
+    """
+
+    filename = "records.jsonl"
+    label = "records"
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def _record(self, args, state, model) -> None:
+        raise NotImplementedError
+
+    def _path(self, args) -> Path:
+        return Path(args.output_dir) / self.filename
+
+    def _write(self, args, state, path: Path) -> None:
+        if state.is_world_process_zero:
+            write_records(path, self.records)
+
+    def _has(self, step: int) -> bool:
+        return bool(self.records) and self.records[-1]["step"] == step
+
+    def _resumed_records(self, output_dir: Path, step: int) -> list[dict]:
+        ckpts = [p for p in checkpoints(output_dir) if checkpoint_step(p) <= step]
+        for path in ([ckpts[0] / self.filename] if ckpts else []) + [output_dir / self.filename]:
+            if path.exists():
+                logger.info("%s: resuming from %s", self.label, path)
+                return [r for r in read_records(path) if r["step"] <= step]
+        logger.warning("%s: resuming at step %d but no %s found; earlier records are lost", self.label, step,
+                       self.filename)
+        return []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            self.records = self._resumed_records(Path(args.output_dir), state.global_step)
+            self._write(args, state, self._path(args))
+        else:
+            self.records = []
+            self._record(args, state, model)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            self._write(args, state, folder / self.filename)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args, state, self._path(args))
