@@ -367,6 +367,7 @@ from rmlib.rloo import config as rloo_config, prompts as rloo_prompts, trainer a
 
 spec = json.loads(sys.argv[1])
 marker = spec.pop("marker")
+park = spec.pop("park", "after_checkpoint")
 prompts = rloo_prompts.split_prompts(spec.pop("candidates"), n_train=6, n_eval=3, seed=0)
 
 
@@ -382,16 +383,30 @@ class PauseAfterFirstCheckpoint(TrainerCallback):
             time.sleep(600)  # killed here
 
 
-rloo_trainer.train_rloo(rloo_config.RLOORunConfig(**spec), prompts, callbacks=[PauseAfterFirstCheckpoint()], progress=False)
+if park == "mid_save":  # in the Trainer's (non-atomic) write of checkpoint-2's trainer_state.json
+    from transformers import TrainerState
+
+    save_to_json = TrainerState.save_to_json
+
+    def cut_short(self, json_path):
+        save_to_json(self, json_path)
+        if self.global_step == 2:
+            text = open(json_path).read()
+            open(json_path, "w").write(text[: len(text) // 2])  # what a kill in the middle of the write leaves
+            open(marker, "w").write(str(self.global_step))
+            time.sleep(600)  # killed here
+
+    TrainerState.save_to_json = cut_short
+callbacks = [PauseAfterFirstCheckpoint()] if park == "after_checkpoint" else []
+rloo_trainer.train_rloo(rloo_config.RLOORunConfig(**spec), prompts, callbacks=callbacks, progress=False)
 """
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_path):
-    config_a, result_a = run_a
-    config = replace(config_a, output_dir=str(tmp_path / "killed"))
+def _run_and_kill(config, tmp_path, park: str) -> None:
+    """Run ``config`` in a child process parked at ``park`` (see ``KILLED_RUN``), then SIGKILL it."""
     marker = tmp_path / "paused"
     spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.summary().items()}
-    spec.update(marker=str(marker), candidates=CANDIDATES)
+    spec.update(marker=str(marker), candidates=CANDIDATES, park=park)
     log = open(tmp_path / "child.log", "w")
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(spec)], stdout=log, stderr=log,
                              cwd=tmp_path)
@@ -404,6 +419,20 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_pa
     log.close()
     assert alive and marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
     assert child.returncode == -signal.SIGKILL
+
+
+def _assert_same_as_uninterrupted(resumed, run_a) -> None:
+    config_a, result_a = run_a
+    pd.testing.assert_frame_equal(resumed.curves, result_a.curves, check_exact=True)
+    assert resumed.records == result_a.records  # every tracked completion and score, too
+    a = load_file(str(Path(config_a.output_dir) / "final" / "adapter_model.safetensors"))
+    b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_path):
+    config = replace(run_a[0], output_dir=str(tmp_path / "killed"))
+    _run_and_kill(config, tmp_path, "after_checkpoint")
     out = Path(config.output_dir)
     assert rloo_trainer.last_checkpoint(out) == str(out / "checkpoint-1")
     assert [r["step"] for r in tracker.read_records(out)] == [0, 2]  # step 2 trained and tracked, then killed
@@ -413,11 +442,47 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(run_a, assets, tmp_pa
     resumed = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
     assert resumed.metrics["resumed_from"] == str(out / "checkpoint-1")
     assert [r["step"] for r in resumed.records] == [0, 2, 3]
-    pd.testing.assert_frame_equal(resumed.curves, result_a.curves, check_exact=True)
-    assert resumed.records == result_a.records  # every tracked completion and score, too
-    a = load_file(str(Path(config_a.output_dir) / "final" / "adapter_model.safetensors"))
-    b = load_file(str(out / "final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_as_uninterrupted(resumed, run_a)
+
+
+def test_sigkill_mid_save_then_resume_skips_that_checkpoint(run_a, assets, tmp_path):
+    """Killed while the Trainer writes checkpoint-2's trainer_state.json: checkpoint-2 holds the
+    adapter weights and half a trainer_state.json, no records and no run identity."""
+    config = replace(run_a[0], output_dir=str(tmp_path / "killed"))
+    _run_and_kill(config, tmp_path, "mid_save")
+    out = Path(config.output_dir)
+    cut = out / "checkpoint-2"
+    assert (cut / "adapter_model.safetensors").exists() and (cut / "trainer_state.json").exists()
+    assert not (cut / tracker.RECORDS_FILE).exists() and not (cut / rloo_config.CONFIG_FILE).exists()
+    with pytest.raises(ValueError):
+        json.loads((cut / "trainer_state.json").read_text())
+    assert rloo_trainer.last_checkpoint(out) == str(out / "checkpoint-1")
+
+    resumed = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-1")
+    _assert_same_as_uninterrupted(resumed, run_a)
+    (stale,) = out.glob("stale-*")  # set aside (it lacks the run identity), not deleted
+    assert (stale / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+def test_resume_skips_a_checkpoint_without_its_weights(run_a, assets, tmp_path):
+    """A newest checkpoint of this run (identity written) whose policy weights are gone: the resume
+    falls back to the previous checkpoint and ends like the uninterrupted run."""
+    import shutil
+
+    config = replace(run_a[0], output_dir=str(tmp_path / "run"))
+    out = Path(config.output_dir)
+    shutil.copytree(run_a[0].output_dir, out)
+    for name in ("final", rloo_config.RESULT_FILE, rloo_config.CURVES_FILE):  # as if killed before the end
+        shutil.move(out / name, tmp_path / name)
+    (out / "checkpoint-3" / "adapter_model.safetensors").unlink()
+    assert rloo_trainer.last_checkpoint(out) == str(out / "checkpoint-2")
+
+    resumed = rloo_trainer.train_rloo(config, assets["prompts"], progress=False)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-2")
+    _assert_same_as_uninterrupted(resumed, run_a)
+    assert not list(out.glob("stale-*"))  # same run: skipped, then saved over
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
 
 
 # -- bad parameters -------------------------------------------------------------------------------

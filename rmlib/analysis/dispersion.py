@@ -25,13 +25,9 @@ Statistic names are shared by summaries and callback records: ``w_norm``, ``h_no
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,10 +35,8 @@ import scipy.stats
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from rmlib.core.atomic_io import write_text_atomic
+from rmlib.core.runs import RecordsCallback, read_records, write_records  # noqa: F401 (read/write: this module's API)
 from rmlib.model.scoring import score_pairs
 
 logger = logging.getLogger(__name__)
@@ -312,18 +306,6 @@ def distance_frame(records: list[dict], epoch_ends_only: bool = False) -> pd.Dat
     return pd.DataFrame(rows, columns=[*[c for c in ID_COLUMNS if any(c in r for r in records)], "pair", "distance"])
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records from a ``norm_records.jsonl`` file (one JSON object per line)."""
-    lines = Path(path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
-    """Rewrite ``path`` with all records, atomically (temp file + rename)."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    return write_text_atomic(path, text)
-
-
 # -- during training ----------------------------------------------------------------------------
 def _unwrap(model):
     """The RewardModel inside DDP / FSDP / DeepSpeed / torch.compile wrappers."""
@@ -335,12 +317,7 @@ def _whole_epoch(state) -> bool:
     return state.epoch is not None and state.global_step > 0 and abs(state.epoch - round(state.epoch)) < 1e-6
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-    return int(m.group(1)) if m and path.is_dir() else None
-
-
-class NormProbeCallback(TrainerCallback):
+class NormProbeCallback(RecordsCallback):
     """Dispersion statistics of a fixed probe set during training (BSR paper Fig 2 / Table 1).
 
     Records at train begin (step 0, the untrained model), every ``every_steps`` optimizer steps,
@@ -348,15 +325,15 @@ class NormProbeCallback(TrainerCallback):
     (``on_epoch_end`` fires then too; ``epoch_end`` False). One record per step. A record is ``{"step", "epoch", "epoch_end", <statistics of
     dispersion_statistics>, "pair_distances": [...]}``; all are in ``self.records``.
 
-    Resumable: every new record rewrites ``<output_dir>/norm_records.jsonl`` atomically, and
-    ``on_save`` writes the records into the checkpoint folder. On a resumed run
-    (``state.global_step > 0`` at train begin) the records are reloaded from the newest
-    ``checkpoint-N`` with N <= global_step (falling back to the output-dir file), and records
-    with step > global_step are dropped, so the list matches an uninterrupted run.
+    Resumable (``rmlib.core.runs.RecordsCallback``): the records are kept in
+    ``<output_dir>/norm_records.jsonl`` and in every checkpoint; a resumed run reloads them, so
+    the list matches an uninterrupted run.
 
     Every process computes (a sharded model needs all ranks in the forward); only the main
     process writes files.
     """
+
+    label = "norm records"
 
     def __init__(self, probe, every_steps: int = 50, batch_size: int = 8, bf16: bool | None = None,
                  filename: str = RECORDS_FILE):
@@ -370,12 +347,12 @@ class NormProbeCallback(TrainerCallback):
                              f"lacks {sorted(missing)}")
         if len(probe) < 2:
             raise ValueError(f"probe has {len(probe)} pairs; needs >= 2 for spread statistics")
+        super().__init__()
         self.probe = probe
         self.every_steps = every_steps
         self.batch_size = batch_size
         self.bf16 = bf16
         self.filename = filename
-        self.records: list[dict] = []
 
     # -- computing --------------------------------------------------------------------------
     def measure(self, model, bf16: bool = False) -> dict:
@@ -391,33 +368,9 @@ class NormProbeCallback(TrainerCallback):
         record = {"step": int(state.global_step), "epoch": float(state.epoch or 0.0), "epoch_end": epoch_end}
         record.update(self.measure(model, bf16=bf16))
         self.records.append(record)
-        self._write(args, state, Path(args.output_dir) / self.filename)
+        self._write(args, state, self._path(args))
 
-    def _write(self, args, state, path: Path) -> None:
-        if state.is_world_process_zero:
-            write_records(path, self.records)
-
-    # -- resuming ---------------------------------------------------------------------------
-    def _resumed_records(self, output_dir: Path, step: int) -> list[dict]:
-        ckpts = sorted((s, p) for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                       if (s := _checkpoint_step(p)) is not None and s <= step)
-        for path in ([ckpts[-1][1] / self.filename] if ckpts else []) + [output_dir / self.filename]:
-            if path.exists():
-                logger.info("norm records: resuming from %s", path)
-                return [r for r in read_records(path) if r["step"] <= step]
-        logger.warning("norm records: resuming at step %d but no %s found; earlier records are lost", step,
-                       self.filename)
-        return []
-
-    # -- events -----------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step > 0:
-            self.records = self._resumed_records(Path(args.output_dir), state.global_step)
-            self._write(args, state, Path(args.output_dir) / self.filename)
-        else:
-            self.records = []
-            self._record(args, state, model)
-
+    # -- events (train begin, save and train end: RecordsCallback) ----------------------------
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # the last step of an epoch is recorded here, not in on_epoch_end: a checkpoint saved at
         # that step (on_save runs between the two events) must hold its record
@@ -432,20 +385,9 @@ class NormProbeCallback(TrainerCallback):
             last = self.records[-1]
             if _whole_epoch(state) and not last["epoch_end"]:
                 last["epoch_end"] = True
-                self._write(args, state, Path(args.output_dir) / self.filename)
+                self._write(args, state, self._path(args))
         else:
             self._record(args, state, model, epoch_end=_whole_epoch(state))
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
-            self._write(args, state, folder / self.filename)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._write(args, state, Path(args.output_dir) / self.filename)
-
-    def _has(self, step: int) -> bool:
-        return bool(self.records) and self.records[-1]["step"] == step
 
 
 # -- comparing reward models -------------------------------------------------------------------

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from rmlib.core.atomic_io import read_json, write_json_atomic
+from rmlib.core import runs
+from rmlib.core.atomic_io import write_json_atomic
 from rmlib.model import assets, bottom_store
 from rmlib.model.encoding import SCORE_COLUMNS, PairCollator, encode_pairs
 from rmlib.model.reward_model import (
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 
 TRAINABLE_WEIGHTS = "trainable.safetensors"
+CONFIG_FILE = "rmlib_config.json"  # the run identity (the config summary), in every checkpoint
+RESULT_FILE = "metrics.json"
 
 
 class RMTrainer(Trainer):
@@ -132,7 +135,7 @@ class RMTrainer(Trainer):
         tmp = os.path.join(output_dir, TRAINABLE_WEIGHTS + ".tmp")
         save_file(weights, tmp)
         os.replace(tmp, os.path.join(output_dir, TRAINABLE_WEIGHTS))
-        write_json_atomic(Path(output_dir) / "rmlib_config.json", _jsonable(self.args.summary()))
+        write_json_atomic(Path(output_dir) / CONFIG_FILE, _jsonable(self.args.summary()))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -211,47 +214,16 @@ class TrainResult:
 
 
 def _set_aside_stale_checkpoints(config: RMConfig) -> None:
-    """Checkpoints written under another config must not be resumed: move them (and a stale
-    ``final``) to ``stale-<time>/`` in the same folder, so nothing computed is deleted."""
-    out = Path(config.output_dir)
-    current = _jsonable(config.summary())
-    stale = []
-    for ckpt in out.glob("checkpoint-*"):
-        cfg_file = ckpt / "rmlib_config.json"
-        if not cfg_file.exists() or json.loads(cfg_file.read_text()) != current:
-            stale.append(ckpt)
-    if stale:
-        target = out / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.mkdir(parents=True, exist_ok=True)
-        for path in stale + [p for p in (out / "final", out / "metrics.json") if p.exists()]:
-            os.replace(path, target / path.name)
-        logger.warning("%d checkpoint(s) in %s were written with another config; moved to %s",
-                       len(stale), out, target)
-
-
-def _complete_checkpoint(ckpt: Path) -> bool:
-    """Trainable weights present and trainer_state.json (the Trainer's last, non-atomic write) readable."""
-    if not (ckpt / TRAINABLE_WEIGHTS).exists():
-        return False
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+    """Move checkpoints and results of another config (or a checkpoint cut short before its
+    ``CONFIG_FILE``) to ``stale-<time>/``, with ``final``: ``rmlib.core.runs.set_aside_stale``."""
+    runs.set_aside_stale(config.output_dir, _jsonable(config.summary()), CONFIG_FILE,
+                         result=(RESULT_FILE, "config"), outputs=("final", RESULT_FILE))
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-N`` folder, or None. A checkpoint cut short by a kill
-    (no trainable weights, or an unreadable trainer_state.json) is skipped with a warning."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in ckpts:
-        if _complete_checkpoint(ckpt):
-            return str(ckpt)
-        logger.warning("%s is incomplete (interrupted while saving?); resuming from an earlier checkpoint", ckpt)
-    return None
+    """The newest complete ``checkpoint-N`` (with ``trainable.safetensors``; ``rmlib.core.runs.last_checkpoint``)
+    or None."""
+    return runs.last_checkpoint(output_dir, [TRAINABLE_WEIGHTS])
 
 
 def _whole_run_train_loss(training_loss: float, log_history: list[dict], start_step: int, end_step: int) -> float:
@@ -320,10 +292,12 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
             _set_aside_stale_checkpoints(config)
         trainer.accelerator.wait_for_everyone()
     ckpt = last_checkpoint(config.output_dir) if resume is True else (resume or None)
+    start_step = runs.checkpoint_step(ckpt) if ckpt else 0  # now: checkpoint rotation may delete it
+    if start_step is None:
+        raise ValueError(f"resume={resume!r} is not a checkpoint-N folder")
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=ckpt)
     train_seconds = time.perf_counter() - t0
-    start_step = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     pairs_seen = (trainer.state.global_step - start_step) * config.per_device_train_batch_size \
         * config.gradient_accumulation_steps * config.world_size
     metrics = {"train_pairs": len(train_enc), "steps": trainer.state.global_step, "train_seconds": train_seconds,
@@ -340,7 +314,7 @@ def train_reward_model(config: RMConfig, train_pairs, eval_pairs=None, tokenizer
     if trainer.is_world_process_zero():
         save_reward_model(model, final_dir, tokenizer,
                           extra={"config": _jsonable(config.summary()), "metrics": metrics})
-        write_json_atomic(Path(config.output_dir) / "metrics.json",
+        write_json_atomic(Path(config.output_dir) / RESULT_FILE,
                           _jsonable({"config": config.summary(), "data": fingerprint, "metrics": metrics,
                                      "encode": asdict(train_stats), "log_history": trainer.state.log_history}))
     trainer.accelerator.wait_for_everyone()  # final/ exists for every process on return
@@ -369,14 +343,12 @@ def _data_fingerprint(train_pairs, eval_pairs, scores: bool = False) -> dict:
 def finished_run(config: RMConfig, fingerprint: dict | None = None) -> TrainResult | None:
     """A completed run in ``config.output_dir`` with the same config (and data), loaded; else None."""
 
-    out = Path(config.output_dir)
-    meta_file, final = out / "metrics.json", out / "final"
-    if not (meta_file.exists() and (final / "rmlib_reward.json").exists()):
-        return None
-    meta = read_json(meta_file)
-    if meta.get("config") != _jsonable(config.summary()):
-        return None
-    if fingerprint is not None and meta.get("data") != _jsonable(fingerprint):
+    out, final = Path(config.output_dir), Path(config.output_dir) / "final"
+    expected = {"config": _jsonable(config.summary())}
+    if fingerprint is not None:
+        expected["data"] = _jsonable(fingerprint)
+    meta = runs.finished_result(out, RESULT_FILE, expected, needs=("final/rmlib_reward.json",))
+    if meta is None:
         return None
     model = load_reward_model(final)
     tokenizer = assets.load_tokenizer(final)

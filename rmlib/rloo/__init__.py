@@ -51,5 +51,7 @@ Resume. ``<output_dir>/rloo_records.jsonl`` is rewritten atomically after each r
 into every ``checkpoint-N`` folder. A resumed run reloads the records of the checkpoint it resumes
 from and drops newer ones, so its curves equal an uninterrupted run's. The training prompts are
 laid out as one stream (``prompt_stream``: successive seeded permutations of the pool) read in
-order, so resuming never depends on the sampler state of an epoch boundary.
+order, so resuming never depends on the sampler state of an epoch boundary. The run resumes from
+the newest complete checkpoint (``trainer.CHECKPOINT_FILES``, ``rmlib.core.runs``); a checkpoint without
+this run's identity file (another config, or a save cut short) is first moved to ``stale-<time>/``.
 """

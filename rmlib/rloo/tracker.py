@@ -5,21 +5,19 @@ resume; ``curves_frame`` / ``samples_frame`` turn records into tidy tables.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.stats
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from rmlib.core.atomic_io import write_json_atomic, write_text_atomic
+from rmlib.core import runs
+from rmlib.core.atomic_io import write_json_atomic
 from rmlib.model.encoding import format_prompt
 from rmlib.model.generation import _row_seed, sample_completions
 from rmlib.model.logprobs import completion_kl
@@ -44,24 +42,13 @@ def _sem(x) -> float:
     return float(scipy.stats.sem(x, axis=None, ddof=1)) if x.size > 1 else math.nan  # scipy warns on n < 2
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-    return int(m.group(1)) if m and path.is_dir() else None
-
-
 def read_records(path) -> list[dict]:
     """Records of an ``rloo_records.jsonl`` file (or of the file inside a run folder)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / RECORDS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return runs.read_records(path / RECORDS_FILE if path.is_dir() else path)
 
 
-def _write_records(path: Path, records: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-class RLOOTracker(TrainerCallback):
+class RLOOTracker(runs.RecordsCallback):
     """Proxy reward, gold reward, KL to the initial policy and response length on fixed evaluation
     prompts, at step 0 and every ``every_steps`` optimizer steps (and at the last step).
 
@@ -71,11 +58,15 @@ class RLOOTracker(TrainerCallback):
     ``*_delta`` are paired differences to the step-0 completions of the same (prompt, sample)
     with their standard errors; ``gold_win_rate`` = mean of 1[gold_t > gold_0] + 0.5 * 1[equal];
     ``*_std0`` the step-0 spread of the scores (to put proxy RMs of different scale on one axis).
-    Records are written like ``rmlib.analysis.dispersion.NormProbeCallback``'s (see the module docstring).
+    Records are kept and resumed by ``rmlib.core.runs.RecordsCallback``; each checkpoint also gets
+    the run identity ``config`` (``CONFIG_FILE``).
 
     ``reference``: the frozen initial policy for the KL (None: the policy is a peft model and its
     adapters are disabled).
     """
+
+    filename = RECORDS_FILE
+    label = "rloo records"
 
     def __init__(self, eval_prompts: list[dict], tokenizer, proxy: RewardModelFunction, gold: RewardModelFunction,
                  every_steps: int = 5, samples_per_prompt: int = 2, max_new_tokens: int = 64,
@@ -87,6 +78,7 @@ class RLOOTracker(TrainerCallback):
             raise ValueError("eval_prompts is empty")
         if top_p < 1.0:
             logger.warning("top_p=%s < 1: the tracked KL is then an estimate for the truncated sampler", top_p)
+        super().__init__()
         self.eval_prompts = eval_prompts
         self.tokenizer = tokenizer
         self.proxy, self.gold = proxy, gold
@@ -97,7 +89,6 @@ class RLOOTracker(TrainerCallback):
         self.reference = reference
         self.config = config or {}
         self.progress = progress
-        self.records: list[dict] = []
         self.seconds = 0.0  # wall time spent recording in this process (not part of the records)
         self._prompt_ids = [tokenizer(format_prompt(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
                             for p in eval_prompts]
@@ -155,52 +146,23 @@ class RLOOTracker(TrainerCallback):
         self._paired(stats, int(state.global_step))
         record = {"step": int(state.global_step), "epoch": float(state.epoch or 0.0), **stats}
         self.records.append(record)
-        self._write(args, state, Path(args.output_dir) / RECORDS_FILE)
+        self._write(args, state, self._path(args))
         dt = time.perf_counter() - t0
         self.seconds += dt
         logger.info("rloo tracking step %d: proxy %.4f gold %.4f kl %.4f length %.1f (%.1f s)", record["step"],
                     record["proxy"], record["gold"], record["kl"], record["length_tokens"], dt)
 
-    def _write(self, args, state, path: Path) -> None:
-        if state.is_world_process_zero:
-            _write_records(path, self.records)
-
-    def _resumed_records(self, output_dir: Path, step: int) -> list[dict]:
-        ckpts = sorted((s, p) for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                       if (s := _checkpoint_step(p)) is not None and s <= step)
-        for path in ([ckpts[-1][1] / RECORDS_FILE] if ckpts else []) + [output_dir / RECORDS_FILE]:
-            if path.exists():
-                logger.info("rloo records: resuming from %s", path)
-                return [r for r in read_records(path) if r["step"] <= step]
-        logger.warning("rloo records: resuming at step %d but no %s found; earlier records are lost", step,
-                       RECORDS_FILE)
-        return []
-
-    # -- events ---------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step > 0:
-            self.records = self._resumed_records(Path(args.output_dir), state.global_step)
-            self._write(args, state, Path(args.output_dir) / RECORDS_FILE)
-        else:
-            self.records = []
-            self._record(args, state, model)
-
+    # -- events (train begin and end: RecordsCallback) ---------------------------------------------
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if (step % self.every_steps == 0 or step == state.max_steps) and not self._has(step):
             self._record(args, state, model)
 
     def on_save(self, args, state, control, **kwargs):
+        super().on_save(args, state, control, **kwargs)  # the records
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir() and state.is_world_process_zero:
+        if folder.is_dir() and state.is_world_process_zero:  # last: a checkpoint cut short lacks it
             write_json_atomic(folder / CONFIG_FILE, self.config)
-            self._write(args, state, folder / RECORDS_FILE)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._write(args, state, Path(args.output_dir) / RECORDS_FILE)
-
-    def _has(self, step: int) -> bool:
-        return bool(self.records) and self.records[-1]["step"] == step
 
 
 # -- tables and figures -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,11 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import RLOOTrainer
 
-from rmlib.core.atomic_io import read_json, write_json_atomic, write_table_atomic
+from rmlib.core import runs
+from rmlib.core.atomic_io import write_json_atomic, write_table_atomic
 from rmlib.model import assets, reward_model
 from rmlib.rloo.config import CONFIG_FILE, CURVES_FILE, RESULT_FILE, RLOORunConfig
 from rmlib.rloo.prompts import PromptSets, prompt_stream
@@ -34,12 +34,16 @@ from rmlib.rloo.reward_fn import (
 from rmlib.rloo.tracker import (
     RECORDS_FILE,
     RLOOTracker,
-    _checkpoint_step,
     curves_frame,
     read_records,
 )
 
 logger = logging.getLogger(__name__)
+
+
+# what a complete RLOO checkpoint holds besides trainer_state.json: the policy weights TRL's save
+# writes (LoRA adapter, or full weights in one file or sharded) and the tracker's records
+CHECKPOINT_FILES = ((ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), RECORDS_FILE)
 
 
 # -- the entry point ----------------------------------------------------------------------------------
@@ -66,40 +70,23 @@ def _identity(config: RLOORunConfig, prompts: PromptSets) -> dict:
 
 
 def last_checkpoint(output_dir) -> str | None:
-    """The newest complete ``checkpoint-N`` (its ``trainer_state.json`` is written last), or None."""
-    out = Path(output_dir)
-    ckpts = [(s, p) for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if (s := _checkpoint_step(p)) is not None and (p / "trainer_state.json").exists()]
-    return str(max(ckpts)[1]) if ckpts else None
+    """The newest complete ``checkpoint-N`` (``CHECKPOINT_FILES``; ``rmlib.core.runs.last_checkpoint``), or None."""
+    return runs.last_checkpoint(output_dir, CHECKPOINT_FILES)
 
 
 def _set_aside_stale(output_dir: Path, identity: dict) -> None:
-    """Checkpoints (and results) written under another config or prompt set must not be resumed:
-    move them to ``stale-<time>/`` in the same folder, deleting nothing."""
-    stale = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if _checkpoint_step(p) is not None
-             and not ((p / CONFIG_FILE).exists() and read_json(p / CONFIG_FILE) == identity)]
-    result = output_dir / RESULT_FILE
-    if result.exists() and read_json(result).get("identity") != identity:
-        stale.append(result)
-    if stale:
-        target = output_dir / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.mkdir(parents=True, exist_ok=True)
-        extra = [p for p in (output_dir / "final", output_dir / RECORDS_FILE, output_dir / CURVES_FILE)
-                 if p.exists()]
-        for path in stale + extra:
-            os.replace(path, target / path.name)
-        logger.warning("%d item(s) in %s came from another config or prompt set; moved to %s", len(stale),
-                       output_dir, target)
+    """Move checkpoints and results of another config, prompt set or RM pair (or a checkpoint cut
+    short before its ``CONFIG_FILE``) to ``stale-<time>/``, with ``final`` and the curves."""
+    runs.set_aside_stale(output_dir, identity, CONFIG_FILE, result=(RESULT_FILE, "identity"),
+                         outputs=("final", RECORDS_FILE, CURVES_FILE, RESULT_FILE))
 
 
 def finished_run(config: RLOORunConfig, prompts: PromptSets) -> RLOOResult | None:
     """A completed run in ``config.output_dir`` with the same config, prompts and RMs, else None."""
     out = Path(config.output_dir)
-    if not ((out / RESULT_FILE).exists() and (out / RECORDS_FILE).exists() and (out / "final").is_dir()):
-        return None
-    meta = read_json(out / RESULT_FILE)
-    if meta.get("identity") != _identity(config, prompts):
+    meta = runs.finished_result(out, RESULT_FILE, {"identity": _identity(config, prompts)},
+                                needs=(RECORDS_FILE, "final"))
+    if meta is None:
         return None
     return RLOOResult(read_records(out), meta.get("log_history", []), meta.get("metrics", {}), out, out / "final")
 
@@ -160,12 +147,12 @@ def train_rloo(config: RLOORunConfig, prompts: PromptSets, resume: bool = True, 
             ref = AutoModelForCausalLM.from_pretrained(policy_path, dtype=getattr(torch, config.policy_dtype))
             tracker.reference = ref.to(device).eval()
     ckpt = last_checkpoint(out) if resume else None
+    start = runs.checkpoint_step(ckpt) if ckpt else 0  # now: checkpoint rotation may delete it during training
     if ckpt:
         logger.info("resuming RLOO from %s", ckpt)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ckpt)
     seconds = time.perf_counter() - t0
-    start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     steps_run = trainer.state.global_step - start
 
     def write_final(tmp: Path) -> None:
