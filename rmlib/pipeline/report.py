@@ -244,7 +244,6 @@ def update_readme(block: str, readme: Path = REPO_ROOT / "README.md") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--no-readme", action="store_true", help="only write <figures_dir>/results.md")

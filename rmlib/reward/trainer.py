@@ -121,7 +121,6 @@ class RMTrainer(Trainer):
 
     # -- checkpoints: only what trains (frozen weights come from the backbone) ------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -139,7 +138,6 @@ class RMTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-
         model = self.accelerator.unwrap_model(model or self.model)
         path = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS)
         if not os.path.exists(path):
