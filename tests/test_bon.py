@@ -296,7 +296,7 @@ class TestRowSampler:
     SCORES = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
 
     def draw(self, rows, temperature, top_p, candidates=256):
-        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(rows)]
+        gens = [torch.Generator().manual_seed(generation.sample_seed(0, "p", i)) for i in range(rows)]
         out = generation.RowSampler(gens, temperature, top_p, candidates)(None, self.SCORES.repeat(rows, 1))
         assert torch.isfinite(out).sum(-1).eq(1).all() and out.max(-1).values.eq(0).all()  # one 0, rest -inf
         return out.argmax(-1)
@@ -317,7 +317,7 @@ class TestRowSampler:
 
     def test_rows_do_not_depend_on_the_batch(self):
         both = self.draw(64, 1.0, 0.9)
-        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(32, 64)]
+        gens = [torch.Generator().manual_seed(generation.sample_seed(0, "p", i)) for i in range(32, 64)]
         alone = generation.RowSampler(gens, 1.0, 0.9)(None, self.SCORES.repeat(32, 1)).argmax(-1)
         torch.testing.assert_close(alone, both[32:])
 
