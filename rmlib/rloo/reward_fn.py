@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from rmlib.core.atomic_io import read_json
 from rmlib.core.precision import resolve_bf16
 from rmlib.model import assets
-from rmlib.model.encoding import sample_sequences
+from rmlib.model.encoding import encode_prompt_replies
 from rmlib.model.reward_model import load_reward_model
 from rmlib.model.scoring import score_token_sequences
 
@@ -58,7 +56,7 @@ class RewardModelFunction:
 
     ``prompts``: chat messages per row; ``completions``: TRL's conversational completions
     (``[{"role": "assistant", "content": text}]``) or plain strings. The RM scores
-    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.encoding.sample_sequences``),
+    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.encoding.encode_prompt_replies``),
     the prompt cut from the left at ``max_length``. Not an ``nn.Module`` on purpose: TRL would
     then re-tokenize with its own pooling (first pad id), which is wrong when pad == eos.
     """
@@ -99,10 +97,8 @@ class RewardModelFunction:
         for p in prompts:
             if not (isinstance(p, list) and p and isinstance(p[0], dict)):
                 raise TypeError(f"prompts must be chat messages (lists of {{'role', 'content'}} dicts), got {p!r:.80}")
-        keys = [json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts]
-        frame = pd.DataFrame({"prompt_id": keys, "sample_index": range(len(keys)), "messages": list(prompts),
-                              "response": list(replies)})
-        seqs = sample_sequences(self.tokenizer, frame, self.max_length)
+        prompt_ids, reply_ids = encode_prompt_replies(self.tokenizer, prompts, replies, self.max_length)
+        seqs = [p + r for p, r in zip(prompt_ids, reply_ids)]
         return score_token_sequences(self.model, seqs, batch_size=self.batch_size, bf16=self.bf16,
                                      progress=progress, desc=f"scoring ({self.__name__})")
 
