@@ -17,6 +17,7 @@ from rmlib.analysis import bon
 from rmlib.model import generation
 from rmlib.model import reward_model as reward_model_mod
 from rmlib.model import score_cache
+from rmlib.model import scoring
 from rmlib.analysis.bon import bon_curve, bon_expectation, bon_summary, default_ns, kl_bon
 from rmlib.model.generation import read_samples, sample_responses, split_response
 from rmlib.model.score_cache import score_samples, score_samples_cached
@@ -352,8 +353,8 @@ class TestScoring:
     def test_cache_resumes_and_keys_by_model(self, fresh, reward_model, tokenizer, tmp_path, monkeypatch):
         df, cache = fresh[0], tmp_path / "scores.jsonl"
         scored = []
-        original = score_cache.score_replies
-        monkeypatch.setattr(score_cache, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
+        original = scoring.score_replies
+        monkeypatch.setattr(scoring, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
                             original(m, prompts, replies, **kw))
         kw = dict(batch_size=4, bf16=False, progress=False)
         direct = score_samples(reward_model, tokenizer, df, **kw)

@@ -47,8 +47,7 @@ from rmlib.analysis.stats import (
 )
 from rmlib.data import Loaded, alpaca_eval_pairs
 from rmlib.data.exclusions import EXCLUDED_GENERATORS
-from rmlib.model.encoding import encode_prompt_replies
-from rmlib.model.scoring import score_replies
+from rmlib.model.scoring import score_texts
 
 logger = logging.getLogger(__name__)
 
@@ -258,15 +257,14 @@ def score_responses(model, tokenizer, responses_df: pd.DataFrame, max_length: in
                     bf16: bool | str = "auto", progress: bool = True) -> np.ndarray:
     """Reward of every response (row order): chat-formatted prompt (``messages`` column if
     present, else ``instruction`` as one user turn) + reply, fitted into ``max_length`` as in
-    training (prompt cut from the left), via ``score_replies`` (a frozen-bottom model scores through
+    training (prompt cut from the left), via ``score_texts`` (a frozen-bottom model scores through
     the shared bottom store)."""
 
     if len(responses_df) == 0:
         return np.zeros(0, np.float32)
-    prompts, replies = encode_prompt_replies(tokenizer, _prompts(responses_df), list(responses_df["output"]),
-                                             max_length)
-    return score_replies(model, prompts, replies, batch_size=batch_size, bf16=bf16, progress=progress,
-                         desc="scoring responses")[0]
+    return score_texts(model, _prompts(responses_df), list(responses_df["output"]), tokenizer=tokenizer,
+                       max_length=max_length, batch_size=batch_size, bf16=bf16, progress=progress,
+                       desc="scoring responses")
 
 
 def _pair_response_ids(pairs: Dataset) -> tuple[list[str], list[str]]:

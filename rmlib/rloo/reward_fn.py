@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rmlib.core.atomic_io import read_json
 from rmlib.core.precision import resolve_bf16
-from rmlib.model import assets
-from rmlib.model.encoding import encode_prompt_replies
 from rmlib.model.reward_model import load_reward_model
-from rmlib.model.scoring import score_token_sequences
-
-logger = logging.getLogger(__name__)
+from rmlib.model.scoring import _tokenizer, _version, reward_tokenizer, score_texts  # noqa: F401 (_tokenizer, _version: for rloo.trainer)
 
 
 # -- reward models as TRL reward functions ------------------------------------------------------------
-@lru_cache(maxsize=16)
-def _tokenizer(name_or_path: str, version: int = 0):
-    """``assets.load_tokenizer``, loaded once per (name, ``version``: the files' mtime) in a
-    process; callers must not modify it (copy first)."""
-    return assets.load_tokenizer(name_or_path)
-
-
-def _version(folder) -> int:
-    f = Path(folder) / "tokenizer_config.json"
-    return f.stat().st_mtime_ns if f.exists() else 0
-
-
-def _rm_tokenizer(path: Path):
-    if (path / "tokenizer_config.json").exists():
-        return _tokenizer(str(path.resolve()), _version(path))
-    meta = read_json(path / "rmlib_reward.json")
-    base = meta.get("base_model") or assets.DEFAULT_MODEL
-    logger.info("%s has no tokenizer; using the base model's (%s)", path, base)
-    return _tokenizer(base)
-
-
 def check_reward_model_dir(path, role: str = "reward model", hint: str = "") -> Path:
     """``path`` as a Path if it holds an rmlib reward model (``rmlib_reward.json``); else a
     FileNotFoundError naming the folder, its role, and ``hint`` (what produces it)."""
@@ -56,7 +28,7 @@ class RewardModelFunction:
 
     ``prompts``: chat messages per row; ``completions``: TRL's conversational completions
     (``[{"role": "assistant", "content": text}]``) or plain strings. The RM scores
-    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.encoding.encode_prompt_replies``),
+    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.scoring.score_texts``),
     the prompt cut from the left at ``max_length``. Not an ``nn.Module`` on purpose: TRL would
     then re-tokenize with its own pooling (first pad id), which is wrong when pad == eos.
     """
@@ -86,21 +58,17 @@ class RewardModelFunction:
         model = load_reward_model(path, dtype=dtype)
         if device is not None:
             model.to(device)
-        return cls(model, _rm_tokenizer(path), name=name, **kwargs)
+        return cls(model, reward_tokenizer(path), name=name, **kwargs)
 
     def score(self, prompts: list[list[dict]], replies: list[str], progress: bool = False) -> np.ndarray:
         """Rewards of (messages, reply text) rows, in order: (N,) float32."""
-        if len(prompts) != len(replies):
-            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-        if not len(prompts):
-            return np.zeros(0, np.float32)
         for p in prompts:
             if not (isinstance(p, list) and p and isinstance(p[0], dict)):
                 raise TypeError(f"prompts must be chat messages (lists of {{'role', 'content'}} dicts), got {p!r:.80}")
-        prompt_ids, reply_ids = encode_prompt_replies(self.tokenizer, prompts, replies, self.max_length)
-        seqs = [p + r for p, r in zip(prompt_ids, reply_ids)]
-        return score_token_sequences(self.model, seqs, batch_size=self.batch_size, bf16=self.bf16,
-                                     progress=progress, desc=f"scoring ({self.__name__})")
+        # whole sequences (use_store=False): RL completions are new at every step, caching their bottom won't pay
+        return score_texts(self.model, prompts, replies, tokenizer=self.tokenizer, max_length=self.max_length,
+                           batch_size=self.batch_size, bf16=self.bf16, use_store=False, progress=progress,
+                           desc=f"scoring ({self.__name__})")
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         replies = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
