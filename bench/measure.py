@@ -311,8 +311,8 @@ def measure_generation(spec: dict) -> dict:
     from transformers import GenerationConfig
 
     from rmlib.model.assets import load_causal_lm, load_tokenizer
-    from rmlib.model.generation import sample_responses
     from rmlib.model.encoding import format_prompt
+    from rmlib.model.generation import sample_responses
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
@@ -361,8 +361,8 @@ def measure_sweep(spec: dict) -> dict:
     """Variants trained one after another (mode topk) in this process with a fresh store; wall
     seconds per run, model loading and the store build (first run) included."""
     from rmlib.model.assets import load_tokenizer
-    from rmlib.reward.variants import variant_config
     from rmlib.reward.trainer import train_reward_model
+    from rmlib.reward.variants import variant_config
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])

@@ -30,3 +30,13 @@ runs them. ``rmlib.score(rm, prompts, replies)`` scores texts with a saved rewar
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``rmlib.score``: ``rmlib.model.scoring.score_texts``, imported on first use so that
+    ``import rmlib`` stays light (no torch or transformers)."""
+    if name == "score":
+        from rmlib.model.scoring import score_texts
+
+        return score_texts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rmlib.data import (DataError, load_alpaca_eval_responses, load_hh_rlhf, load_hhh_alignment,
-                        load_lfqa_expert, load_mt_bench_questions, load_preference_file, load_source)
+from rmlib.data import (
+    DataError,
+    load_alpaca_eval_responses,
+    load_hh_rlhf,
+    load_hhh_alignment,
+    load_lfqa_expert,
+    load_mt_bench_questions,
+    load_preference_file,
+    load_source,
+)
 
 BAD = Path(__file__).parent / "bad_inputs"
 CASES = json.loads((BAD / "cases.json").read_text())

@@ -12,12 +12,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` lives at the repo root
 
+from conftest import make_tiny_lm  # noqa: E402
+
 from bench import report  # noqa: E402
 from bench.report import (  # noqa: E402
-    ALL_PAIRS_LINE_PREFIX, RATIO_LINE_PREFIX, forward_flops, full_ft_flops, matmul_flops, mfu, param_counts,
-    ratio_line, render_markdown, summarize, token_counts, topk_work_flops,
+    ALL_PAIRS_LINE_PREFIX,
+    RATIO_LINE_PREFIX,
+    forward_flops,
+    full_ft_flops,
+    matmul_flops,
+    mfu,
+    param_counts,
+    ratio_line,
+    render_markdown,
+    summarize,
+    token_counts,
+    topk_work_flops,
 )
-from conftest import make_tiny_lm  # noqa: E402
 
 RATIO_RE = re.compile(r"training speed vs TRL RewardTrainer: \d+\.\d\dx")
 

@@ -12,18 +12,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_lm
 
 from rmlib.analysis import bon
-from rmlib.model import generation
+from rmlib.analysis.bon import (
+    bon_curve,
+    bon_expectation,
+    bon_summary,
+    default_ns,
+    kl_bon,
+)
+from rmlib.model import generation, score_cache, scoring
 from rmlib.model import reward_model as reward_model_mod
-from rmlib.model import score_cache
-from rmlib.analysis.bon import bon_curve, bon_expectation, bon_summary, default_ns, kl_bon
-from rmlib.model.generation import read_samples, sample_responses, split_response
-from rmlib.model.score_cache import score_samples, score_samples_cached
 from rmlib.model.encoding import format_prompt, format_reply
+from rmlib.model.generation import read_samples, sample_responses, split_response
 from rmlib.model.reward_model import RewardModel, save_reward_model
-
-from conftest import make_tiny_lm
+from rmlib.model.score_cache import score_samples, score_samples_cached
 
 
 # -- the estimator --------------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class TestRowSampler:
     SCORES = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
 
     def draw(self, rows, temperature, top_p, candidates=256):
-        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(rows)]
+        gens = [torch.Generator().manual_seed(generation.sample_seed(0, "p", i)) for i in range(rows)]
         out = generation.RowSampler(gens, temperature, top_p, candidates)(None, self.SCORES.repeat(rows, 1))
         assert torch.isfinite(out).sum(-1).eq(1).all() and out.max(-1).values.eq(0).all()  # one 0, rest -inf
         return out.argmax(-1)
@@ -317,7 +321,7 @@ class TestRowSampler:
 
     def test_rows_do_not_depend_on_the_batch(self):
         both = self.draw(64, 1.0, 0.9)
-        gens = [torch.Generator().manual_seed(generation._sample_seed(0, "p", i)) for i in range(32, 64)]
+        gens = [torch.Generator().manual_seed(generation.sample_seed(0, "p", i)) for i in range(32, 64)]
         alone = generation.RowSampler(gens, 1.0, 0.9)(None, self.SCORES.repeat(32, 1)).argmax(-1)
         torch.testing.assert_close(alone, both[32:])
 
@@ -352,8 +356,8 @@ class TestScoring:
     def test_cache_resumes_and_keys_by_model(self, fresh, reward_model, tokenizer, tmp_path, monkeypatch):
         df, cache = fresh[0], tmp_path / "scores.jsonl"
         scored = []
-        original = score_cache.score_replies
-        monkeypatch.setattr(score_cache, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
+        original = scoring.score_replies
+        monkeypatch.setattr(scoring, "score_replies", lambda m, prompts, replies, **kw: scored.append(len(replies)) or
                             original(m, prompts, replies, **kw))
         kw = dict(batch_size=4, bf16=False, progress=False)
         direct = score_samples(reward_model, tokenizer, df, **kw)

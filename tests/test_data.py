@@ -11,8 +11,8 @@ import datasets
 import pytest
 
 import rmlib.data as D
-from rmlib.data import DataError, load_source
 from rmlib.core.paths import data_dir
+from rmlib.data import DataError, load_source
 
 pytestmark = pytest.mark.skipif(not (data_dir() / "README.md").exists(), reason="shared data folder not found")
 

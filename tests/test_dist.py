@@ -43,9 +43,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_lm
 from safetensors.torch import load_file
 
-from conftest import make_tiny_lm
 from rmlib.core.paths import REPO_ROOT
 
 pytestmark = pytest.mark.dist
@@ -339,9 +339,8 @@ def _cli_flags(fields: dict) -> list[str]:
 def test_cli_flags_default_to_rmconfig_defaults_and_take_loss_params_as_json(tmp_path):
     import dataclasses
 
-    from rmlib.reward.config import RMConfig
-
     from rmlib.reward import cli
+    from rmlib.reward.config import RMConfig
 
     out = str(tmp_path)
     cfg, data = cli.parser().parse_args_into_dataclasses(args=["--output_dir", out])
@@ -390,7 +389,10 @@ def test_cli_under_accelerate_launch_trains_like_one_process(tmp_path, tiny_back
 # the accelerate configs, as accelerate itself reads them (FSDP and DeepSpeed need GPUs to run)
 
 def _launch_args(config: Path, extra: tuple[str, ...] = ()):
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
 
     args = launch_command_parser().parse_args(["--config_file", str(config), *extra, "train.py"])
     args, defaults, _ = _validate_launch_command(args)

@@ -10,17 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_lm
 from datasets import Dataset
 
-from rmlib.analysis import bon, claims
-from rmlib.model import score_cache
-from rmlib.analysis import bon_runs, synthetic_gold
 from rmlib import plots
-from rmlib.data import RESPONSE_FEATURES, load_alpaca_eval_responses, load_hh_rlhf, load_mt_bench_questions
+from rmlib.analysis import bon, bon_runs, claims, synthetic_gold
+from rmlib.data import (
+    RESPONSE_FEATURES,
+    load_alpaca_eval_responses,
+    load_hh_rlhf,
+    load_mt_bench_questions,
+)
 from rmlib.data.schema import pair_row, to_dataset
+from rmlib.model import score_cache
 from rmlib.model.reward_model import RewardModel, save_reward_model
-
-from conftest import make_tiny_lm
 
 
 # -- synthetic sources ----------------------------------------------------------------------------

@@ -14,7 +14,17 @@ import torch
 from torch.testing import assert_close
 
 from rmlib.reward import losses
-from rmlib.reward.losses import NEEDS_LOGP, NEEDS_REFERENCE, NEEDS_REJECTED_LOGP, REGULARIZERS, REWARD_LOSS_PARAMS, REWARD_LOSSES, LossSpec, assert_finite_loss, compute_loss
+from rmlib.reward.losses import (
+    NEEDS_LOGP,
+    NEEDS_REFERENCE,
+    NEEDS_REJECTED_LOGP,
+    REGULARIZERS,
+    REWARD_LOSS_PARAMS,
+    REWARD_LOSSES,
+    LossSpec,
+    assert_finite_loss,
+    compute_loss,
+)
 
 
 def logsig(x: float) -> float:

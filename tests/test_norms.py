@@ -15,10 +15,31 @@ import torch
 from datasets import Dataset
 from numpy.testing import assert_allclose
 
+from rmlib.analysis import claims
+from rmlib.analysis.dispersion import (
+    RECORDS_FILE,
+    HiddenStates,
+    NormProbeCallback,
+    check_decomposition,
+    dispersion_findings,
+    dispersion_statistics,
+    dispersion_summary,
+    distance_frame,
+    effective_rank,
+    erank_shift_table,
+    extract_hidden,
+    head_cosines,
+    hidden_norm_frame,
+    norm_stats,
+    pair_distance_stats,
+    read_records,
+    records_frame,
+    reward_decomposition,
+    skewness,
+    write_records,
+)
 from rmlib.model.encoding import encode_pairs
 from rmlib.model.reward_model import ModelSpec, build_reward_model, make_head
-from rmlib.analysis import claims
-from rmlib.analysis.dispersion import RECORDS_FILE, HiddenStates, NormProbeCallback, check_decomposition, dispersion_findings, dispersion_statistics, erank_shift_table, hidden_norm_frame, dispersion_summary, distance_frame, effective_rank, extract_hidden, head_cosines, norm_stats, pair_distance_stats, read_records, records_frame, reward_decomposition, skewness, write_records
 from rmlib.reward.config import RMConfig
 from rmlib.reward.trainer import train_reward_model
 

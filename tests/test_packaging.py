@@ -9,7 +9,12 @@ import pytest
 import yaml
 
 from rmlib.core.paths import REPO_ROOT
-from rmlib.pipeline.presets import NOTEBOOK_DIR, PARAMS_DIR, load_preset, notebook_parameters
+from rmlib.pipeline.presets import (
+    NOTEBOOK_DIR,
+    PARAMS_DIR,
+    load_preset,
+    notebook_parameters,
+)
 
 
 def test_environment_yml_lists_the_same_packages_as_pyproject():

@@ -25,9 +25,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rmlib.pipeline import presets
-from rmlib.pipeline import reproduce
-from rmlib.core.atomic_io import save_figure_atomic, write_json_atomic, write_table_atomic
+from rmlib.core.atomic_io import (
+    save_figure_atomic,
+    write_json_atomic,
+    write_table_atomic,
+)
+from rmlib.pipeline import presets, reproduce
 from rmlib.reward.config import RMConfig
 from rmlib.reward.trainer import last_checkpoint, results_row, train_reward_model
 

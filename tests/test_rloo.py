@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -21,17 +20,19 @@ import torch
 from conftest import make_tiny_lm
 from safetensors.torch import load_file
 
-from rmlib.model import reward_model
-from rmlib.analysis import rloo_curves
-from rmlib.model import generation
-from rmlib.model import logprobs
 from rmlib import plots
+from rmlib.analysis import rloo_curves
+from rmlib.model import generation, logprobs, reward_model
+from rmlib.model.reward_model import (
+    ModelSpec,
+    build_reward_model,
+    load_reward_model,
+    save_reward_model,
+)
 from rmlib.rloo import config as rloo_config
 from rmlib.rloo import prompts as rloo_prompts
-from rmlib.rloo import reward_fn
-from rmlib.rloo import tracker
+from rmlib.rloo import reward_fn, tracker
 from rmlib.rloo import trainer as rloo_trainer
-from rmlib.model.reward_model import ModelSpec, build_reward_model, load_reward_model, save_reward_model
 
 # a chat template unlike SmolLM2's, so a wrapper using the policy's template would score differently
 RM_TEMPLATE = (
@@ -197,16 +198,19 @@ class TestRewardFunction:
 # -- sampling and log-probs (the KL estimator's parts) ----------------------------------------------
 class TestEvalSampling:
     def test_completion_logps_equal_a_full_forward(self, tokenizer):
-        model = make_tiny_lm(tokenizer, seed=5).eval()
+        model, ref = make_tiny_lm(tokenizer, seed=5).eval(), make_tiny_lm(tokenizer, seed=8).eval()
         prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 2], [13]]
-        got = logprobs.completion_logps(model, prompts, comps, temperature=0.7, batch_size=2, bf16=False,
-                                    chunk_tokens=2)
+        got = logprobs.completion_kl(model, prompts, comps, reference=ref, temperature=0.7, batch_size=2,
+                                     chunk_tokens=2)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             ids = torch.tensor([p + c])
             with torch.no_grad():
                 logp = (model(ids).logits[0].float() / 0.7).log_softmax(-1)
-            want = sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c))
-            assert got[i] == pytest.approx(want, abs=1e-4)
+                ref_logp = (ref(ids).logits[0].float() / 0.7).log_softmax(-1)
+            assert got["logp"][i] == pytest.approx(sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c)),
+                                                   abs=1e-4)
+            assert got["ref_logp"][i] == pytest.approx(
+                sum(float(ref_logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c)), abs=1e-4)
 
     def test_completion_kl_equals_brute_force(self, tokenizer):
         policy, ref = make_tiny_lm(tokenizer, seed=5).eval(), make_tiny_lm(tokenizer, seed=8).eval()
@@ -221,8 +225,7 @@ class TestEvalSampling:
             assert got["kl"][i] == pytest.approx(float((lp.exp() * (lp - lr)).sum()), abs=1e-4)
             assert got["kl_k1"][i] == pytest.approx(float((lp.gather(1, tok) - lr.gather(1, tok)).sum()), abs=1e-4)
         assert (got["kl"] > 0).all()
-        np.testing.assert_allclose(got["logp"], logprobs.completion_logps(policy, prompts, comps, 0.7, bf16=False),
-                                   atol=1e-6)
+        np.testing.assert_allclose(got["kl_k1"], got["logp"] - got["ref_logp"], atol=1e-9)
 
     def test_completion_kl_of_fresh_lora_adapters_is_zero(self, tokenizer):
         from peft import LoraConfig, get_peft_model

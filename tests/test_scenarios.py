@@ -129,6 +129,7 @@ def test_constant_scorer_skips_every_prompt(split):
 
 
 def test_evaluate_scenarios_on_the_tiny_model(responses, tokenizer, tiny_backbone):
+    from rmlib.model.encoding import encode_prompt_replies
     from rmlib.model.reward_model import ModelSpec, build_reward_model
     from rmlib.model.scoring import score_token_sequences
 
@@ -141,7 +142,8 @@ def test_evaluate_scenarios_on_the_tiny_model(responses, tokenizer, tiny_backbon
     assert np.isfinite(scores["reward"]).all() and len(scores) == sum(len(v.responses) for v in tiny.val.values())
     # the rewards are those of the left-truncated token sequences scored one at a time
     v4 = tiny.val["val4_mutual_ood"].responses
-    seqs = [p + r for p, r in scenarios.response_token_sequences(tokenizer, v4, max_length=64)]
+    prompts = [[{"role": "user", "content": text}] for text in v4["instruction"]]
+    seqs = [p + r for p, r in zip(*encode_prompt_replies(tokenizer, prompts, list(v4["output"]), max_length=64))]
     assert max(len(s) for s in seqs) <= 64
     ref = score_token_sequences(model, seqs, batch_size=1, bf16=False, progress=False)
     np.testing.assert_allclose(scores[scores.scenario == "val4_mutual_ood"]["reward"], ref, rtol=1e-4, atol=1e-5)

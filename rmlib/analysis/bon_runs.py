@@ -33,7 +33,6 @@ from rmlib.model.reward_model import load_reward_model
 from rmlib.reward import variants as rm_variants
 
 
-
 def score_pairs_cached(final_dir, pairs: Dataset, path, max_length: int = 256, batch_size: int = 8,
                        bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
     """Rewards of every pair's chosen and rejected reply by the reward model in ``final_dir``

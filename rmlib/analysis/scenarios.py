@@ -47,8 +47,7 @@ from rmlib.analysis.stats import (
 )
 from rmlib.data import Loaded, alpaca_eval_pairs
 from rmlib.data.exclusions import EXCLUDED_GENERATORS
-from rmlib.model.encoding import format_prompt, format_reply, truncate_pair
-from rmlib.model.scoring import score_replies
+from rmlib.model.scoring import score_texts
 
 logger = logging.getLogger(__name__)
 
@@ -247,43 +246,25 @@ def split_sizes(split: ScenarioSplit) -> pd.DataFrame:
 
 
 # ---- scoring and evaluation ----------------------------------------------------------------
-def _messages(row) -> list[dict]:
-    msgs = row.get("messages") if hasattr(row, "get") else None
-    if msgs is not None and len(msgs):
-        return [dict(m) for m in msgs]
-    return [{"role": "user", "content": row["instruction"]}]
-
-
-def response_token_sequences(tokenizer, responses_df: pd.DataFrame, max_length: int = 256,
-                             min_prompt_tokens: int = 32) -> list[tuple[list[int], list[int]]]:
-    """(prompt, reply) token ids per response (chat template), fitted as in training: prompt cut
-    from the LEFT, the reply kept whole unless it alone exceeds ``max_length - min_prompt_tokens``."""
-
-    seqs, prompt_cache = [], {}
-    for _, row in responses_df.iterrows():
-        msgs = _messages(row)
-        key = tuple((m["role"], m["content"]) for m in msgs)
-        if key not in prompt_cache:
-            text = format_prompt(tokenizer, msgs)
-            prompt_cache[key] = (text, tokenizer(text, add_special_tokens=False)["input_ids"])
-        p_text, p = prompt_cache[key]
-        r = tokenizer(format_reply(tokenizer, msgs, row["output"], p_text), add_special_tokens=False)["input_ids"]
-        p, r, _, _, _ = truncate_pair(p, r, r, max_length, min_prompt_tokens)
-        seqs.append((list(p), list(r)))
-    return seqs
+def _prompts(responses_df: pd.DataFrame) -> list:
+    """Each response's prompt: its ``messages`` if present, else its ``instruction`` (one user turn)."""
+    messages = responses_df["messages"] if "messages" in responses_df.columns else [None] * len(responses_df)
+    return [m if m is not None and len(m) else instruction
+            for m, instruction in zip(messages, responses_df["instruction"])]
 
 
 def score_responses(model, tokenizer, responses_df: pd.DataFrame, max_length: int = 256, batch_size: int = 16,
                     bf16: bool | str = "auto", progress: bool = True) -> np.ndarray:
     """Reward of every response (row order): chat-formatted prompt (``messages`` column if
-    present, else ``instruction`` as one user turn) + reply, via ``score_replies`` (a frozen-bottom
-    model scores through the shared bottom store)."""
+    present, else ``instruction`` as one user turn) + reply, fitted into ``max_length`` as in
+    training (prompt cut from the left), via ``score_texts`` (a frozen-bottom model scores through
+    the shared bottom store)."""
 
     if len(responses_df) == 0:
         return np.zeros(0, np.float32)
-    prompts, replies = zip(*response_token_sequences(tokenizer, responses_df, max_length))
-    return score_replies(model, list(prompts), list(replies), batch_size=batch_size, bf16=bf16, progress=progress,
-                         desc="scoring responses")[0]
+    return score_texts(model, _prompts(responses_df), list(responses_df["output"]), tokenizer=tokenizer,
+                       max_length=max_length, batch_size=batch_size, bf16=bf16, progress=progress,
+                       desc="scoring responses")
 
 
 def _pair_response_ids(pairs: Dataset) -> tuple[list[str], list[str]]:

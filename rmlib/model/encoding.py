@@ -12,6 +12,7 @@ margin of GRM's margin baseline (``pair_margins``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -179,28 +180,43 @@ def check_sample_columns(samples_df: pd.DataFrame) -> None:
             raise ValueError(f"samples_df needs a {col!r} column (as returned by sample_responses)")
 
 
-def sample_prompt_replies(tokenizer, samples_df: pd.DataFrame,
-                          max_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, reply ids) per sample, encoded as in training (``encode_pairs``): the prompt
-    from ``format_prompt`` of the row's messages with THIS tokenizer, the reply from
-    ``format_reply`` (ends with the end-of-turn, also for replies cut at max_new_tokens).
-    ``max_length``: cut the prompt from the left as ``truncate_pair`` does (None: no cut)."""
-    check_sample_columns(samples_df)
+def as_messages(prompt) -> list[dict]:
+    """Chat messages of a prompt: a string becomes one user turn; a sequence of ``{"role", "content"}``
+    mappings (a list, or an array as pandas/datasets hold it) becomes a list of dicts."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    try:
+        messages = [dict(m) for m in prompt]
+    except (TypeError, ValueError):
+        messages = None
+    if not messages or not all("role" in m and "content" in m for m in messages):
+        raise TypeError(f"a prompt must be a string or chat messages ({{'role', 'content'}} dicts), got {prompt!r:.80}")
+    return messages
+
+
+def encode_prompt_replies(tokenizer, prompts, replies, max_length: int | None = None,
+                          min_prompt_tokens: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, reply ids) per row, encoded as in training (``encode_pairs``): the prompt from
+    ``format_prompt`` of its messages with THIS tokenizer (each distinct prompt tokenized once), the
+    reply from ``format_reply`` (ends with the end-of-turn, also for replies cut at max_new_tokens).
+
+    prompts: chat messages or plain strings (``as_messages``); replies: reply texts.
+    ``max_length``: fit prompt + reply as ``truncate_pair`` does, the prompt cut from the left and
+    the reply kept whole unless it alone exceeds ``max_length - min_prompt_tokens`` (None: no cut)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     prompt_cache: dict[str, tuple[str, list[int]]] = {}
-    prompts, replies = [], []
-    for pid, messages, response in zip(samples_df["prompt_id"], samples_df["messages"], samples_df["response"]):
-        if pid not in prompt_cache:
+    prompt_ids, reply_ids = [], []
+    for prompt, reply in zip(prompts, replies):
+        messages = as_messages(prompt)
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
+        if key not in prompt_cache:
             text = format_prompt(tokenizer, messages)
-            prompt_cache[pid] = (text, tokenizer(text, add_special_tokens=False)["input_ids"])
-        text, p = prompt_cache[pid]
-        r = tokenizer(format_reply(tokenizer, messages, response, text), add_special_tokens=False)["input_ids"]
+            prompt_cache[key] = (text, tokenizer(text, add_special_tokens=False)["input_ids"])
+        text, p = prompt_cache[key]
+        r = tokenizer(format_reply(tokenizer, messages, reply, text), add_special_tokens=False)["input_ids"]
         if max_length is not None:
-            p, r, _, _, _ = truncate_pair(p, r, r, max_length)
-        prompts.append(list(p))
-        replies.append(list(r))
-    return prompts, replies
-
-
-def sample_sequences(tokenizer, samples_df: pd.DataFrame, max_length: int | None = None) -> list[list[int]]:
-    """Token ids of prompt + reply per sample (see ``sample_prompt_replies``)."""
-    return [p + r for p, r in zip(*sample_prompt_replies(tokenizer, samples_df, max_length))]
+            p, r, _, _, _ = truncate_pair(p, r, r, max_length, min_prompt_tokens)
+        prompt_ids.append(list(p))
+        reply_ids.append(list(r))
+    return prompt_ids, reply_ids

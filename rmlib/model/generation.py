@@ -26,7 +26,7 @@ A partial last line (a run killed mid-write) is dropped with a warning and its b
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import logging
 import math
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import GenerationConfig, LogitsProcessorList
 
@@ -60,9 +61,13 @@ _META_SOFT = ("batch_size", "bf16", "policy")
 
 
 # -- 1. sampling ----------------------------------------------------------------------------------
-def _sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
-    """The seed of one sample's generator: a stable hash of (seed, prompt_id, sample_index)."""
-    digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample_index}".encode()).digest()
+def sample_seed(seed: int, prompt_id: str, sample_index: int, stream: str = "") -> int:
+    """The seed of one sample's generator: a stable hash of (stream, seed, prompt_id, sample_index).
+
+    ``stream`` separates independent uses of the same (seed, prompt, index): Best-of-N samples use
+    ``""``, the RLOO tracker's evaluation samples ``"rloo-eval"``."""
+    prefix = f"{stream}\x00" if stream else ""
+    digest = hashlib.sha256(f"{prefix}{seed}\x00{prompt_id}\x00{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -124,16 +129,65 @@ class RowSampler:
         return out.scatter_(-1, picks[:, None], 0.0)
 
 
-def _stop_token_ids(policy, tokenizer) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(x) for x in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the generation config's EOS ids of the
+    causal LM inside ``model`` (peft / torch.compile / DDP wrappers are unwrapped). Sorted."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(getattr(unwrap_causal_lm(model), "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        ids.update(int(x) for x in (eos if isinstance(eos, (list, tuple)) else [eos]))
     if not ids:
         raise ValueError("neither the tokenizer nor the policy's generation_config has an EOS token")
     return sorted(ids)
+
+
+class _BatchSampler:
+    """The batched sampling core of ``sample_responses`` and ``sample_completions``.
+
+    Called with a batch of prompts (token ids, any lengths) and one seed per row, it left-pads the
+    prompts (pad == eos for SmolLM2, hence the explicit attention mask and pad_token_id), generates
+    with a ``RowSampler`` whose row i draws from a generator seeded by ``seeds[i]``, and returns each
+    row's new token ids (up to ``max_new_tokens``; after a stop token the row is padded with
+    ``pad_id``). Rows do not depend on their batch or on the global RNG.
+    """
+
+    def __init__(self, policy, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
+                 bf16: bool | str = "auto"):
+        self.policy = policy
+        self.stop_ids = stop_token_ids(policy, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.device = next(policy.parameters()).device
+        self.bf16 = resolve_bf16(bf16, self.device)
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
+        )  # sampling is done by RowSampler; everything else switched off so the policy's defaults can't leak in
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """The policy in eval mode (no dropout) for the duration; its training flag restored after."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            yield self
+        finally:
+            self.policy.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id, padding_side="left")
+        attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0,
+                                      padding_side="left")
+        gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        sampler = RowSampler(gens, self.temperature, self.top_p)
+        with autocast(self.device, self.bf16):
+            out = self.policy.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                generation_config=self.gen_cfg, logits_processor=LogitsProcessorList([sampler]),
+            )
+        return out[:, input_ids.shape[1]:].cpu().tolist()  # (B, <= max_new_tokens)
 
 
 def split_response(ids: list[int], stop_token_ids) -> tuple[list[int], bool]:
@@ -243,12 +297,11 @@ def sample_responses(
     ids = _check_sampling_args(prompts, prompt_ids, n, batch_size, max_new_tokens, temperature, top_p)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    stop_ids = _stop_token_ids(policy, tokenizer)
-    bf16 = resolve_bf16(bf16, next(policy.parameters()).device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    sampler = _BatchSampler(policy, tokenizer, max_new_tokens, temperature, top_p, bf16)
+    stop_ids = sampler.stop_ids
     meta = {"format": "rmlib-bon-samples-v1", "seed": int(seed), "temperature": float(temperature),
             "top_p": float(top_p), "max_new_tokens": int(max_new_tokens), "stop_token_ids": stop_ids,
-            "batch_size": int(batch_size), "bf16": bool(bf16),
+            "batch_size": int(batch_size), "bf16": bool(sampler.bf16),
             "policy": str(getattr(getattr(policy, "config", None), "_name_or_path", ""))}
     meta_path = out_path.with_name(out_path.name + ".meta.json")
     _check_meta(meta_path, meta)
@@ -271,34 +324,12 @@ def sample_responses(
         logger.info("%s: %d of %d samples already there", out_path, n * len(ids) - missing, n * len(ids))
 
     if todo:
-        # generation needs padding on the left (prompts of different lengths share a batch when
-        # n < batch_size; pad == eos for SmolLM2, hence the explicit attention mask and pad_token_id)
-        left_tok = copy.deepcopy(tokenizer)
-        left_tok.padding_side = "left"
-        if left_tok.pad_token_id is None:
-            left_tok.pad_token_id = pad_id
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop_ids,
-            pad_token_id=pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0,
-            use_cache=True,
-        )  # sampling is done by RowSampler; everything else switched off so the policy's defaults can't leak in
-        device = next(policy.parameters()).device
-        was_training = policy.training
-        policy.eval()
-        bar = tqdm(total=missing, desc="sampling", unit="sample", disable=not progress)
-        try:
+        prompt_tokens = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for units in todo for i, _ in units}
+        with sampler.eval_mode(), tqdm(total=missing, desc="sampling", unit="sample", disable=not progress) as bar:
             for units in todo:
                 rows = [(i, s) for i, idx in units for s in idx]  # one generated row per (prompt, sample)
-                enc = left_tok([texts[i] for i, _ in rows], padding=True, add_special_tokens=False,
-                               return_tensors="pt")
-                gens = [torch.Generator(device=device).manual_seed(_sample_seed(seed, ids[i], s)) for i, s in rows]
-                sampler = RowSampler(gens, float(temperature), float(top_p))
-                with torch.no_grad(), autocast(device, bf16):
-                    out = policy.generate(
-                        input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                        generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]),
-                    )
-                new_tokens = out[:, enc["input_ids"].shape[1]:].cpu().tolist()  # (B, <= max_new_tokens)
+                new_tokens = sampler([prompt_tokens[i] for i, _ in rows],
+                                     [sample_seed(seed, ids[i], s) for i, s in rows])
                 batch_rows, n_new = [], 0
                 for (i, s), gen in zip(rows, new_tokens):
                     pid = ids[i]
@@ -317,32 +348,13 @@ def sample_responses(
                     n_new += 1
                 append_jsonl(out_path, batch_rows)
                 bar.update(n_new)
-        finally:
-            bar.close()
-            policy.train(was_training)
 
     for pid, m, text in zip(ids, prompts, texts):  # prompts whose record was lost keep their current text
         stored_prompts.setdefault(pid, {"prompt_id": pid, "messages": m, "prompt": text})
     return _frame(stored_prompts, [stored[(pid, s)] for pid in ids for s in range(n)])
 
 
-# -- evaluation-time sampling and log-probs -----------------------------------------------------------
-def _row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
-    digest = hashlib.sha256(f"rloo-eval\x00{seed}\x00{prompt_id}\x00{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    eos = getattr(getattr(unwrap_causal_lm(model), "generation_config", None), "eos_token_id", None)
-    if eos is not None:
-        ids.update(int(x) for x in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the policy's generation_config has an EOS token")
-    return sorted(ids)
-
-
-@torch.no_grad()
+# -- evaluation-time sampling ---------------------------------------------------------------------------
 def sample_completions(policy, tokenizer, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, bf16: bool | str = "auto",
                        progress: bool = False) -> list[tuple[list[int], bool]]:
@@ -350,34 +362,15 @@ def sample_completions(policy, tokenizer, prompt_ids: list[list[int]], seeds: li
     generated, finished). Row i draws from its own generator seeded by ``seeds[i]``
     (``rmlib.model.generation.RowSampler``), so rows do not depend on their batch or on the global RNG."""
 
-    stop = _stop_ids(policy, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = next(policy.parameters()).device
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop,
-                               pad_token_id=pad_id, repetition_penalty=1.0, use_cache=True)
+    sampler = _BatchSampler(policy, tokenizer, max_new_tokens, temperature, top_p, bf16)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar lengths share a batch
     out: list[tuple[list[int], bool] | None] = [None] * len(prompt_ids)
-    was_training = policy.training
-    policy.eval()
-    try:
+    with sampler.eval_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="eval sampling", disable=not progress,
                           unit="batch"):
             idx = order[start : start + batch_size]
-            width = max(len(prompt_ids[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding for generation
-                ids[r, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
-                mask[r, width - len(prompt_ids[i]):] = 1
-            gens = [torch.Generator(device=device).manual_seed(seeds[i]) for i in idx]
-            with autocast(device, bf16):
-                seq = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=gen_cfg,
-                                      logits_processor=LogitsProcessorList([RowSampler(gens, temperature, top_p)]))
-            for r, i in enumerate(idx):
-                new = seq[r, width:].tolist()
-                reply, finished = split_response(new, stop)
+            new_tokens = sampler([prompt_ids[i] for i in idx], [seeds[i] for i in idx])
+            for i, new in zip(idx, new_tokens):
+                reply, finished = split_response(new, sampler.stop_ids)
                 out[i] = (reply + [new[len(reply)]] if finished else reply, finished)
-    finally:
-        policy.train(was_training)
     return out  # type: ignore[return-value]

@@ -1,5 +1,8 @@
-"""Log-probabilities of responses under a causal LM: summed response-token log-probs (GRM's
-regularizers), and per-completion KL estimates to a reference policy (the RLOO tracker).
+"""Log-probs of response tokens under a causal LM, gathered in one place (``gather_logps``).
+
+``response_logps``: summed log pi(y|x) of padded batches (the reward model's GRM regularizer and
+the bottom store's path, differentiable). ``completion_kl``: per-completion log-probs and KL
+estimates of sampled completions against a reference policy (the RLOO tracker).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmlib.core.precision import autocast
 from rmlib.model.encoding import pad_sequences
 from rmlib.model.layers import unwrap_causal_lm
 
@@ -51,6 +53,60 @@ def final_logit_softcap(config) -> float | None:
     return float(cap) if cap else None
 
 
+def gather_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                 temperature: float = 1.0, chunk_tokens: int | None = None, dtype: torch.dtype = torch.float32,
+                 reference: tuple[nn.Module, torch.Tensor] | None = None,
+                 softcap: float | None = None) -> dict[str, torch.Tensor]:
+    """Per-row sums of token log-probs: the one place where hidden states meet the LM head.
+
+    ``hidden`` (M, H): final hidden states at the positions that predict ``targets`` (M,); ``rows``
+    (M,): the row (0..n_rows-1) each position belongs to. Each position's logits ``lm_head(h) / T``
+    go through log-softmax, the target's log-prob is gathered and summed per row in ``dtype``:
+    ``{"logp": (n_rows,)}``. ``chunk_tokens``: positions per LM-head call (None: all at once), so
+    the (chunk, vocab) logits stay small. Differentiable (the GRM regularizer trains through it).
+
+    ``reference=(ref_head, ref_hidden)`` (``ref_hidden`` at the same positions): also
+    ``ref_logp``, ``kl_k1`` = sum_t (logp_t - ref_logp_t) and ``kl`` = sum_t KL(p_t || ref_t),
+    exact over the vocabulary at each position. ``softcap``: the backbone's final-logit soft-capping c
+    (``final_logit_softcap``), logits = c tanh(z / c), before the temperature.
+    """
+    sums = {k: torch.zeros(n_rows, dtype=dtype, device=hidden.device)
+            for k in (("logp",) if reference is None else ("logp", "ref_logp", "kl", "kl_k1"))}
+    step = chunk_tokens or max(hidden.shape[0], 1)
+
+    def log_probs(head, h):
+        logits = head(h).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)  # (m, V)
+
+    for c in range(0, hidden.shape[0], step):
+        sl = slice(c, c + step)
+        y = targets[sl, None]
+        lp = log_probs(lm_head, hidden[sl])
+        parts = {"logp": lp.gather(-1, y).squeeze(-1)}
+        if reference is not None:
+            lr = log_probs(reference[0], reference[1][sl])
+            parts["ref_logp"] = lr.gather(-1, y).squeeze(-1)
+            parts["kl"] = (lp.exp() * (lp - lr)).sum(-1)
+            parts["kl_k1"] = parts["logp"] - parts["ref_logp"]
+        for k, v in parts.items():
+            sums[k].index_add_(0, rows[sl], v.to(dtype))
+    return sums
+
+
+def response_positions(input_ids: torch.Tensor,
+                       response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where (N, T) sequences predict their response tokens: token t is predicted at position t-1.
+
+    Returns the (N, T-1) bool mask of those positions (select ``hidden[:, :-1][mask]``), the
+    predicted tokens (M,) and each position's row (M,)."""
+    n, t = input_ids.shape
+    mask = response_mask[:, 1:].bool()
+    rows = torch.arange(n, device=input_ids.device)[:, None].expand(n, t - 1)[mask]
+    return mask, input_ids[:, 1:][mask], rows
+
+
 def response_logps(
     lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
     softcap: float | None = None,
@@ -58,19 +114,11 @@ def response_logps(
     """Summed log pi(y_t | x, y_<t) over response tokens: (N,). Only response positions hit the LM head.
 
     ``softcap``: the backbone's final-logit soft-capping c (``final_logit_softcap``), logits = c tanh(z / c)."""
-    n, t = input_ids.shape
-    target_mask = response_mask[:, 1:].bool()  # token t is predicted at position t-1
-    h = hidden[:, :-1][target_mask]  # (M, H)
-    targets = input_ids[:, 1:][target_mask]  # (M,)
-    logits = lm_head(h).float()  # (M, V)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    token_logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    rows = torch.arange(n, device=input_ids.device)[:, None].expand(n, t - 1)[target_mask]
-    return torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, rows, token_logp)
+    mask, targets, rows = response_positions(input_ids, response_mask)
+    return gather_logps(lm_head, hidden[:, :-1][mask], targets, rows, input_ids.shape[0], softcap=softcap)["logp"]
 
 
-def _completion_hidden(model, prompt_ids, completion_ids, bf16: bool):
+def _completion_hidden(model, prompt_ids, completion_ids):
     """Final hidden states at the positions that predict completion tokens, for one batch.
 
     Returns h (M, H), the predicted tokens y (M,) and each position's row (M,). Sequences are
@@ -82,37 +130,9 @@ def _completion_hidden(model, prompt_ids, completion_ids, bf16: bool):
     resp = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
     batch = pad_sequences(seqs, resp, pad_token_id=0, pad_to_multiple_of=None)
     input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    with autocast(device, bf16):
-        hidden = inner.base_model(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
-    target = batch["response_mask"][:, 1:].bool().to(device)  # token t is predicted at position t-1
-    row = torch.arange(len(seqs), device=device)[:, None].expand_as(target)[target]
-    return hidden[:, :-1][target], input_ids[:, 1:][target], row
-
-
-@torch.no_grad()
-def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
-                     batch_size: int = 16, bf16: bool | str = "auto", chunk_tokens: int = 2048) -> np.ndarray:
-    """sum_t log softmax(logits / T)[y_t] over each completion's tokens, given its prompt: (N,) float64.
-    Only completion positions go through the LM head, ``chunk_tokens`` at a time."""
-    lm_head = unwrap_causal_lm(model).get_output_embeddings()
-    result = np.zeros(len(prompt_ids), np.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(prompt_ids), batch_size):
-            rows = list(range(start, min(start + batch_size, len(prompt_ids))))
-            h, y, row = _completion_hidden(model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
-                                           bf16)
-            logp = torch.zeros(len(rows), dtype=torch.float64, device=h.device)
-            with autocast(h.device, bf16):
-                for c in range(0, h.shape[0], chunk_tokens):
-                    logits = lm_head(h[c : c + chunk_tokens]).float() / temperature  # (m, V)
-                    tok = logits.log_softmax(-1).gather(-1, y[c : c + chunk_tokens, None]).squeeze(-1)
-                    logp.index_add_(0, row[c : c + chunk_tokens], tok.double())
-            result[rows] = logp.cpu().numpy()
-    finally:
-        model.train(was_training)
-    return result
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
+    mask, targets, rows = response_positions(input_ids, batch["response_mask"].to(device))
+    return hidden[:, :-1][mask], targets, rows
 
 
 @torch.no_grad()
@@ -127,12 +147,14 @@ def completion_kl(policy, prompt_ids: list[list[int]], completion_ids: list[list
     non-negative terms and has lower variance, since only the prefixes y_<t are sampled.
     ``reference``: the initial policy, or None for a peft policy with its adapters disabled.
     Computed in float32 (``float32_weights``), so rounding adds nothing to the sampling noise.
-    Returns ``{"kl", "kl_k1", "logp", "ref_logp"}``, each (N,) float64."""
+    Returns ``{"kl", "kl_k1", "logp", "ref_logp"}``, each (N,) float64; ``logp`` is
+    sum_t log pi_T(y_t | x, y_<t), ``ref_logp`` the same under pi_ref."""
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise ValueError("completion_kl needs a reference model unless the policy is a peft model")
     out = {k: np.zeros(len(prompt_ids), np.float64) for k in ("kl", "kl_k1", "logp", "ref_logp")}
     head = unwrap_causal_lm(policy).get_output_embeddings()
     ref_head = unwrap_causal_lm(reference).get_output_embeddings() if reference is not None else head
+    softcap = final_logit_softcap(unwrap_causal_lm(policy).config)  # the reference is the same backbone
     was_training = policy.training
     policy.eval()
     try:
@@ -140,25 +162,16 @@ def completion_kl(policy, prompt_ids: list[list[int]], completion_ids: list[list
             for start in range(0, len(prompt_ids), batch_size):
                 rows = list(range(start, min(start + batch_size, len(prompt_ids))))
                 p_ids, c_ids = [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]
-                h, y, row = _completion_hidden(policy, p_ids, c_ids, bf16=False)
+                h, y, row = _completion_hidden(policy, p_ids, c_ids)
                 if reference is None:
                     with policy.disable_adapter():
-                        h_ref = _completion_hidden(policy, p_ids, c_ids, bf16=False)[0]
+                        h_ref = _completion_hidden(policy, p_ids, c_ids)[0]
                 else:
-                    h_ref = _completion_hidden(reference, p_ids, c_ids, bf16=False)[0].to(h.device)
-                sums = {k: torch.zeros(len(rows), dtype=torch.float64, device=h.device) for k in out}
-                for c in range(0, h.shape[0], chunk_tokens):
-                    sl = slice(c, c + chunk_tokens)
-                    lp = (head(h[sl]).float() / temperature).log_softmax(-1)  # (m, V)
-                    lr = (ref_head(h_ref[sl]).float() / temperature).log_softmax(-1)
-                    tok_p = lp.gather(-1, y[sl, None]).squeeze(-1)
-                    tok_r = lr.gather(-1, y[sl, None]).squeeze(-1)
-                    parts = {"kl": (lp.exp() * (lp - lr)).sum(-1), "kl_k1": tok_p - tok_r, "logp": tok_p,
-                             "ref_logp": tok_r}
-                    for k, v in parts.items():
-                        sums[k].index_add_(0, row[sl], v.double())
-                for k in out:
-                    out[k][rows] = sums[k].cpu().numpy()
+                    h_ref = _completion_hidden(reference, p_ids, c_ids)[0].to(h.device)
+                sums = gather_logps(head, h, y, row, len(rows), temperature, chunk_tokens, torch.float64,
+                                    reference=(ref_head, h_ref), softcap=softcap)
+                for k, values in out.items():
+                    values[rows] = sums[k].cpu().numpy()
     finally:
         policy.train(was_training)
     return out

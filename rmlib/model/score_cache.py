@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from rmlib.core.atomic_io import append_jsonl, read_jsonl
-from rmlib.model.encoding import check_sample_columns, sample_prompt_replies
+from rmlib.model.encoding import check_sample_columns
 from rmlib.model.reward_model import load_reward_model
-from rmlib.model.scoring import score_replies
+from rmlib.model.scoring import score_texts
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,10 @@ def score_samples(reward_model, tokenizer, samples_df: pd.DataFrame, batch_size:
     """Reward of every sample row, in row order: (len(samples_df),) float32. A frozen-bottom (top-k)
     reward model scores through the shared bottom store (``rmlib.model.bottom_store``): the samples' bottom
     activations are computed once for every reward model of the same backbone."""
-    prompts, replies = sample_prompt_replies(tokenizer, samples_df, max_length)
-    return score_replies(reward_model, prompts, replies, batch_size=batch_size, bf16=bf16, progress=progress,
-                         desc="scoring samples")[0]
+    check_sample_columns(samples_df)
+    return score_texts(reward_model, list(samples_df["messages"]), list(samples_df["response"]), tokenizer=tokenizer,
+                       max_length=max_length, batch_size=batch_size, bf16=bf16, progress=progress,
+                       desc="scoring samples")
 
 
 def _sample_key(messages, response: str) -> str:

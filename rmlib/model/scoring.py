@@ -1,6 +1,10 @@
 """Batched, length-grouped reward scoring (forward only, bf16 autocast by default).
 
-One entry point, ``score_replies(model, prompts, replies)``, picks the path: a reward model whose
+``score_texts(rm, prompts, replies)`` (also ``rmlib.score``) scores texts with a saved reward-model
+folder or a loaded RewardModel: each row is formatted with the RM's own tokenizer and chat
+template as in training (``rmlib.model.encoding.encode_prompt_replies``).
+
+Token ids: ``score_replies(model, prompts, replies)`` picks the path: a reward model whose
 bottom is frozen (modes ``topk``/``frozen``, ``rmlib.model.bottom_store.store_for``) scores through the
 shared bottom store (only the top layers run per model); any other model runs whole sequences,
 sorted by length so padding stays small, with the scores put back in input order.
@@ -9,13 +13,22 @@ sorted by length so padding stays small, with the scores put back in input order
 
 from __future__ import annotations
 
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from rmlib.core.atomic_io import read_json
 from rmlib.core.precision import autocast, resolve_bf16
-from rmlib.model import bottom_store
-from rmlib.model.encoding import pad_sequences
+from rmlib.model import assets, bottom_store
+from rmlib.model.encoding import encode_prompt_replies, pad_sequences
+from rmlib.model.reward_model import RMLIB_CONFIG, load_reward_model
+
+logger = logging.getLogger(__name__)
 
 
 def _device_of(model) -> torch.device:
@@ -113,3 +126,71 @@ def score_token_sequences(model, sequences: list[list[int]], batch_size: int = 1
 def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:
     """mean(r_c > r_r); ties count as wrong."""
     return float(np.mean(np.asarray(chosen) > np.asarray(rejected)))
+
+
+# -- texts --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _tokenizer(name_or_path: str, version: int = 0):
+    """``assets.load_tokenizer``, loaded once per (name, ``version``: the files' mtime) in a
+    process; callers must not modify it (copy first)."""
+    return assets.load_tokenizer(name_or_path)
+
+
+def _version(folder) -> int:
+    f = Path(folder) / "tokenizer_config.json"
+    return f.stat().st_mtime_ns if f.exists() else 0
+
+
+def reward_tokenizer(rm):
+    """The tokenizer (and chat template) a reward model scores with, shared: do not modify it.
+
+    rm: a folder written by ``save_reward_model`` (its own tokenizer, else its base model's), or a
+    RewardModel (that of the folder it was loaded from, else its base model's)."""
+    if isinstance(rm, (str, os.PathLike)):
+        path = Path(rm)
+    else:
+        source = str(getattr(getattr(rm, "config", None), "_name_or_path", "") or "")
+        path = Path(source) if source and (Path(source) / RMLIB_CONFIG).exists() else None
+        if path is None:
+            if not getattr(rm, "base_model", ""):
+                raise ValueError("cannot tell this reward model's tokenizer (not loaded from a folder, no base "
+                                 "model): pass tokenizer=")
+            return _tokenizer(rm.base_model)
+    if (path / "tokenizer_config.json").exists():
+        return _tokenizer(str(path.resolve()), _version(path))
+    base = read_json(path / RMLIB_CONFIG).get("base_model") or assets.DEFAULT_MODEL
+    logger.info("%s has no tokenizer; using the base model's (%s)", path, base)
+    return _tokenizer(base)
+
+
+def score_texts(rm, prompts, replies, *, tokenizer=None, max_length: int | None = None, batch_size: int = 16,
+                bf16: bool | str = "auto", device=None, use_store: bool = True, progress: bool = False,
+                desc: str = "scoring") -> np.ndarray:
+    """Rewards of (prompt, reply text) rows, in input order: (N,) float32.
+
+    rm: a folder written by ``save_reward_model`` (any head; loaded here on ``device``, default CUDA
+    if available, in bfloat16 when ``bf16`` resolves true, else float32) or a loaded RewardModel
+    (scored where it is). For many calls, load the model once (``load_reward_model``) and pass it.
+    prompts: chat messages per row (``[{"role", "content"}, ...]``) or plain strings (one user turn
+    each); replies: the reply texts. Each row is formatted with the RM's own chat template as in
+    training (``encode_prompt_replies``: reply ending with the end-of-turn; prompt cut from the
+    left when prompt + reply exceed ``max_length``; None: no cut).
+    tokenizer: default ``reward_tokenizer(rm)``.
+    use_store: a frozen-bottom (``topk``/``frozen``) RM scores through the shared on-disk bottom
+    store (``rmlib.model.bottom_store``); False: whole sequences through the plain forward.
+    """
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    if isinstance(rm, (str, os.PathLike)):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if resolve_bf16(bf16, device) else torch.float32
+        model = load_reward_model(rm, dtype=dtype).to(device)
+    else:
+        model = rm
+    if tokenizer is None:
+        tokenizer = reward_tokenizer(rm)
+    if not len(prompts):
+        return np.zeros(0, np.float32)
+    prompt_ids, reply_ids = encode_prompt_replies(tokenizer, prompts, replies, max_length)
+    return score_replies(model, prompt_ids, reply_ids, batch_size=batch_size, bf16=bf16, progress=progress,
+                         desc=desc, use_store=use_store)[0]

@@ -14,9 +14,8 @@ What this package adds (one module per job):
 
 - ``reward_fn.RewardModelFunction``: an rmlib reward model (linear head, MLP head or GRM) as a TRL reward
   function. Each (prompt messages, completion) is formatted with the RM's OWN tokenizer and chat
-  template exactly as Best-of-N scores samples (``rmlib.model.encoding.sample_sequences``: ``format_prompt``
-  + ``format_reply``, prompt cut from the left at ``max_length``), then scored by
-  ``rmlib.model.scoring.score_token_sequences``. Policy, proxy and gold tokenizers may all differ.
+  template exactly as Best-of-N scores samples (``rmlib.model.scoring.score_texts``: ``format_prompt``
+  + ``format_reply``, prompt cut from the left at ``max_length``). Policy, proxy and gold tokenizers may all differ.
 - ``prompts.build_prompt_sets``: a deterministic prompt pool (AlpacaEval instructions and HH-RLHF first
   human turns, the Best-of-N sources) split into training prompts and a fixed evaluation set,
   disjoint by text, with an ``exclude`` set (e.g. the RM-training prompts).

@@ -1,54 +1,24 @@
 """A saved rmlib reward model as a TRL reward function (``RewardModelFunction``).
 
 Each (prompt messages, completion) is formatted with the RM's OWN tokenizer and chat template
-exactly as Best-of-N scores samples (``rmlib.model.encoding.sample_sequences``: prompt cut from
+exactly as Best-of-N scores samples (``rmlib.model.scoring.score_texts``: prompt cut from
 the left at ``max_length``), then scored by ``rmlib.model.scoring``. Policy, proxy and gold
 tokenizers may all differ.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from rmlib.core.atomic_io import read_json
 from rmlib.core.precision import resolve_bf16
-from rmlib.model import assets
-from rmlib.model.encoding import sample_sequences
 from rmlib.model.reward_model import load_reward_model
-from rmlib.model.scoring import score_token_sequences
-
-logger = logging.getLogger(__name__)
+from rmlib.model.scoring import reward_tokenizer, score_texts
 
 
 # -- reward models as TRL reward functions ------------------------------------------------------------
-@lru_cache(maxsize=16)
-def _tokenizer(name_or_path: str, version: int = 0):
-    """``assets.load_tokenizer``, loaded once per (name, ``version``: the files' mtime) in a
-    process; callers must not modify it (copy first)."""
-    return assets.load_tokenizer(name_or_path)
-
-
-def _version(folder) -> int:
-    f = Path(folder) / "tokenizer_config.json"
-    return f.stat().st_mtime_ns if f.exists() else 0
-
-
-def _rm_tokenizer(path: Path):
-    if (path / "tokenizer_config.json").exists():
-        return _tokenizer(str(path.resolve()), _version(path))
-    meta = read_json(path / "rmlib_reward.json")
-    base = meta.get("base_model") or assets.DEFAULT_MODEL
-    logger.info("%s has no tokenizer; using the base model's (%s)", path, base)
-    return _tokenizer(base)
-
-
 def check_reward_model_dir(path, role: str = "reward model", hint: str = "") -> Path:
     """``path`` as a Path if it holds an rmlib reward model (``rmlib_reward.json``); else a
     FileNotFoundError naming the folder, its role, and ``hint`` (what produces it)."""
@@ -64,7 +34,7 @@ class RewardModelFunction:
 
     ``prompts``: chat messages per row; ``completions``: TRL's conversational completions
     (``[{"role": "assistant", "content": text}]``) or plain strings. The RM scores
-    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.encoding.sample_sequences``),
+    prompt + reply formatted with ITS tokenizer's chat template (``rmlib.model.scoring.score_texts``),
     the prompt cut from the left at ``max_length``. Not an ``nn.Module`` on purpose: TRL would
     then re-tokenize with its own pooling (first pad id), which is wrong when pad == eos.
     """
@@ -94,23 +64,17 @@ class RewardModelFunction:
         model = load_reward_model(path, dtype=dtype)
         if device is not None:
             model.to(device)
-        return cls(model, _rm_tokenizer(path), name=name, **kwargs)
+        return cls(model, reward_tokenizer(path), name=name, **kwargs)
 
     def score(self, prompts: list[list[dict]], replies: list[str], progress: bool = False) -> np.ndarray:
         """Rewards of (messages, reply text) rows, in order: (N,) float32."""
-        if len(prompts) != len(replies):
-            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-        if not len(prompts):
-            return np.zeros(0, np.float32)
         for p in prompts:
             if not (isinstance(p, list) and p and isinstance(p[0], dict)):
                 raise TypeError(f"prompts must be chat messages (lists of {{'role', 'content'}} dicts), got {p!r:.80}")
-        keys = [json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts]
-        frame = pd.DataFrame({"prompt_id": keys, "sample_index": range(len(keys)), "messages": list(prompts),
-                              "response": list(replies)})
-        seqs = sample_sequences(self.tokenizer, frame, self.max_length)
-        return score_token_sequences(self.model, seqs, batch_size=self.batch_size, bf16=self.bf16,
-                                     progress=progress, desc=f"scoring ({self.__name__})")
+        # whole sequences (use_store=False): RL completions are new at every step, caching their bottom won't pay
+        return score_texts(self.model, prompts, replies, tokenizer=self.tokenizer, max_length=self.max_length,
+                           batch_size=self.batch_size, bf16=self.bf16, use_store=False, progress=progress,
+                           desc=f"scoring ({self.__name__})")
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         replies = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]

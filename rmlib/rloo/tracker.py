@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from rmlib.core import runs
 from rmlib.core.atomic_io import write_json_atomic
 from rmlib.model.encoding import format_prompt
-from rmlib.model.generation import _row_seed, sample_completions
+from rmlib.model.generation import sample_completions, sample_seed
 from rmlib.model.logprobs import completion_kl
 from rmlib.rloo.config import CONFIG_FILE, check_number
 from rmlib.rloo.reward_fn import RewardModelFunction
@@ -98,7 +98,7 @@ class RLOOTracker(runs.RecordsCallback):
         """Statistics of the policy on the evaluation prompts (no record kept)."""
         rows = [(i, s) for i in range(len(self.eval_prompts)) for s in range(self.samples_per_prompt)]
         prompt_ids = [self._prompt_ids[i] for i, _ in rows]
-        seeds = [_row_seed(self.seed, self.eval_prompts[i]["prompt_id"], s) for i, s in rows]
+        seeds = [sample_seed(self.seed, self.eval_prompts[i]["prompt_id"], s, stream="rloo-eval") for i, s in rows]
         sampled = sample_completions(policy, self.tokenizer, prompt_ids, seeds, self.max_new_tokens,
                                      self.temperature, self.top_p, self.batch_size, self.bf16, self.progress)
         completions = [ids for ids, _ in sampled]

@@ -17,20 +17,20 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
-from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+)
 from trl import RLOOTrainer
 
 from rmlib.core import runs
 from rmlib.core.atomic_io import write_json_atomic, write_table_atomic
 from rmlib.model import assets, reward_model
+from rmlib.model.scoring import _tokenizer, _version
 from rmlib.rloo.config import CONFIG_FILE, CURVES_FILE, RESULT_FILE, RLOORunConfig
 from rmlib.rloo.prompts import PromptSets, prompt_stream
-from rmlib.rloo.reward_fn import (
-    RewardModelFunction,
-    _tokenizer,
-    _version,
-    check_reward_model_dir,
-)
+from rmlib.rloo.reward_fn import RewardModelFunction, check_reward_model_dir
 from rmlib.rloo.tracker import (
     RECORDS_FILE,
     RLOOTracker,
