@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import papermill as pm
 import yaml
 
 from rmlib.core.paths import REPO_ROOT, in_repo
@@ -110,8 +111,6 @@ def notebook_defaults(path: Path) -> dict:
 
 def accepted_names(path: Path) -> list[str]:
     """The names the ``parameters`` cell defines, in its order (papermill's reading of the cell)."""
-    import papermill as pm
-
     return list(pm.inspect_notebook(str(path)))
 
 
@@ -194,8 +193,6 @@ def _shown(path: Path) -> str:
 
 
 def execute(plan: dict, out: str | None = None) -> int:
-    import papermill as pm
-
     params, stem = plan["params"], plan["stem"]
     run_dir = in_repo(params.get("run_dir", f"runs/{plan['preset']}"))
     out_dir = Path(out).expanduser() if out else run_dir / "notebooks"

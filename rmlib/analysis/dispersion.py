@@ -36,6 +36,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from rmlib.analysis import claims
 from rmlib.core.runs import RecordsCallback, read_records, write_records  # noqa: F401 (read/write: this module's API)
 from rmlib.model.scoring import score_pairs
 
@@ -428,8 +429,6 @@ def dispersion_findings(records: dict[str, list[dict]], summaries: pd.DataFrame,
     - ``erank_shift``: mean |erank(split) - erank(train)| (paper: BT shifts by +10.4, BSR by +0.1).
     ``verdict`` is ``claims.relative_verdict`` with the paper's direction (lower than the baseline):
     reproduced / not at this scale (within 5%) / opposite; empty on the baseline's rows."""
-    from rmlib.analysis import claims  # the one home of verdict rules
-
     rows = []
     for model, recs in records.items():
         first, last = recs[0], recs[-1]

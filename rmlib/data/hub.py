@@ -36,7 +36,7 @@ _MODEL_KEYS = (("chosen_generator", "rejected_generator"), ("chosen_model", "rej
 def load_hub(hub_id: str, local: str | Path | None = None, **kwargs):
     """``datasets.load_dataset(hub_id, **kwargs)``; DataError naming the local path and hub id."""
     try:
-        import datasets
+        import datasets  # lazy: only the hub fallback needs it
 
         return datasets.load_dataset(hub_id, **kwargs)
     except Exception as e:

