@@ -289,6 +289,14 @@ def save_reward_model(
       ``rmlib.model.reward_model.load_reward_model``.
     Both carry ``rmlib_reward.json`` (head, base model, ``extra`` such as the training config).
 
+    Weights are stored as ``dtype`` (bf16 by default: half the disk), but ``config.json`` records
+    float32 (``assets.record_load_dtype``), so ``from_pretrained(out_dir)`` and TRL's loading of a
+    reward-model path, which resolve transformers' default ``dtype="auto"`` from the config, load
+    float32 weights on any machine (bf16 compute is emulated, ~3x slower, on a CPU without native
+    bf16; TRL also needs ``bf16=False`` in its config there, or it autocasts to bf16: README, "Loading
+    the artifacts elsewhere"); pass ``dtype=torch.bfloat16`` to compute in bf16 where it is native.
+    ``load_reward_model`` picks its dtype explicitly.
+
     Pooling of the linear export: transformers' ``*ForSequenceClassification`` (``GenericForSequence
     Classification.forward``) scores the rightmost token whose id is not ``config.pad_token_id``,
     rmlib the last attended token. They differ on a sequence that ENDS with the pad id, e.g. a reply
@@ -346,6 +354,7 @@ def save_reward_model(
             export_tok.save_pretrained(tmp)
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        assets.record_load_dtype(tmp)  # float32 for dtype="auto"; the weights stay as dtype
         (tmp / RMLIB_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
 
     return assets._atomic_save_dir(out_dir, write)
