@@ -9,8 +9,9 @@ Layers, bottom to top; each imports only from the layers listed before it (``tes
   model/            assets (model resolver), encoding (chat templates, prompt cut from the LEFT),
                     reward_model (heads, fine-tuning modes, save/load), layers (decoder maths, no
                     I/O), bottom_store (frozen-bottom activations computed once), scoring (batched
-                    scoring; score_texts = rmlib.score), generation (sampler, per-row seeds,
-                    resumable sample files), logprobs, score_cache (scores of samples, resumable)
+                    scoring; score_texts = rmlib.score), decoding (the sampling engine: own decode
+                    loop, preallocated KV cache, exact top-p, per-row seeds), generation (resumable
+                    sample files on it), logprobs, score_cache (scores of samples, resumable)
   reward/           losses (registry, pure functions), config (RMConfig), trainer (RMTrainer,
                     train_reward_model), variants (bt, bsr, grm, bsr_grm, ... and the grid), cli
   rloo/             config (RLOORunConfig -> TRL RLOOConfig), prompts, reward_fn (an RM as a TRL

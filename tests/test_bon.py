@@ -182,15 +182,18 @@ def policy(tiny_backbone):
 
 
 @pytest.fixture
-def count_generate(policy, monkeypatch):
+def count_generate(monkeypatch):
+    """The batch size of every call of the sampling engine (``DecodeLoop``)."""
+    from rmlib.model.decoding import DecodeLoop
+
     calls = []
-    original = policy.generate
+    original = DecodeLoop.__call__
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting(self, prompts, seeds):
+        calls.append(len(prompts))
+        return original(self, prompts, seeds)
 
-    monkeypatch.setattr(policy, "generate", counting)
+    monkeypatch.setattr(DecodeLoop, "__call__", counting)
     return calls
 
 

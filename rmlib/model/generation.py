@@ -5,8 +5,9 @@ appended to a JSONL file batch by batch; a rerun skips what is there. ``sample_c
 one completion per row of token ids (the RLOO tracker's evaluation samples).
 
 Determinism. Every sample (prompt_id, sample_index) draws from its own ``torch.Generator``
-seeded by hash(seed, prompt_id, sample_index) (``RowSampler``): the sampled token of a row never
-depends on which other rows share its batch, nor on the global RNG. Batches are fixed by
+seeded by hash(seed, prompt_id, sample_index); the engine is ``rmlib.model.decoding.DecodeLoop`` (our
+own decode loop: shared prefill, preallocated KV cache, exact top-p, finished rows dropped). The
+sampled token of a row never depends on which other rows share its batch, nor on the global RNG. Batches are fixed by
 (number of prompts, n, batch_size) alone (``generation_batches``): with n >= batch_size a batch is
 one "chunk" of ONE prompt's samples, indices [c * batch_size, (c + 1) * batch_size) cut at n; with
 n < batch_size it holds all n samples of batch_size // n consecutive prompts (left-padded), so
@@ -20,7 +21,8 @@ File format (``out_path``, JSONL, append-only, flushed per batch):
   {"kind": "prompt", "prompt_id", "messages", "prompt"}            once per prompt
   {"kind": "sample", "prompt_id", "sample_index", "response", "response_ids", "n_tokens", "finished"}
 and ``<out_path>.meta.json`` with the generation settings; a rerun with other settings that
-change the samples (seed, temperature, top_p, max_new_tokens, stop tokens) is refused.
+change the samples (seed, temperature, top_p, max_new_tokens, stop tokens, the sampling engine
+``sampler``: a file without it was written by HF ``generate``) is refused.
 A partial last line (a run killed mid-write) is dropped with a warning and its batch redone.
 """
 
@@ -35,13 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
-from transformers import GenerationConfig, LogitsProcessorList
 
 from rmlib.core.atomic_io import append_jsonl, read_json, read_jsonl, write_json_atomic
-from rmlib.core.precision import autocast, resolve_bf16
+from rmlib.core.precision import resolve_bf16
+from rmlib.model.decoding import LEGACY_SAMPLER, SAMPLER, DecodeLoop, RowSampler  # noqa: F401  (RowSampler: re-export)
 from rmlib.model.encoding import format_prompt
 from rmlib.model.layers import unwrap_causal_lm
 
@@ -53,7 +53,10 @@ SAMPLE_COLUMNS = ["prompt_id", "sample_index", "messages", "prompt", "response",
 
 
 # settings that change the samples: a resumed file must have been written with the same values
-_META_STRICT = ("seed", "temperature", "top_p", "max_new_tokens", "stop_token_ids")
+_META_STRICT = ("seed", "temperature", "top_p", "max_new_tokens", "stop_token_ids", "sampler")
+
+# the value of a strict key in a file written before the key was recorded
+_META_BEFORE = {"sampler": LEGACY_SAMPLER}
 
 
 # settings that change only floating-point details: a mismatch is logged
@@ -71,64 +74,6 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int, stream: str = "") 
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class RowSampler:
-    """Logits processor that samples each row from its own generator (temperature, then top-p).
-
-    It returns scores that are 0 at the sampled token and -inf elsewhere, so ``generate`` runs with
-    ``do_sample=False`` and its argmax takes the sample: the random draws never depend on the
-    global RNG or on the other rows of the batch (one uniform per row and step, inverse CDF).
-
-    top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (>= 1 token).
-    Sorting the whole vocabulary costs ~60 ms per step for 32 x 49k on 2 CPU cores, more than
-    the 135M model's forward; so the ``candidates`` most likely tokens come from ``topk`` (~3 ms)
-    and only a row whose top-p set is larger than that is fully sorted.
-    """
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float, candidates: int = 256):
-        self.generators = generators
-        self.temperature = temperature
-        self.top_p = top_p
-        self.candidates = candidates
-
-    def _uniforms(self, device) -> torch.Tensor:
-        return torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
-                          for g in self.generators]).to(device)  # (B,)
-
-    @staticmethod
-    def _inverse_cdf(cum: torch.Tensor, n_keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Position in each row of ``cum`` (cumulative probs, (B, K)) drawn from its first n_keep."""
-        rows = torch.arange(cum.shape[0], device=cum.device)
-        target = u * cum[rows, n_keep - 1]  # (B,)
-        pos = torch.searchsorted(cum, target[:, None], right=True).squeeze(-1)
-        return torch.minimum(pos, n_keep - 1)
-
-    def _pick_top_p(self, cum: torch.Tensor, order: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Token ids drawn from the top-p prefix; cum/order: descending probs' cumsum and token ids, (B, K)."""
-        n_keep = torch.clamp((cum < self.top_p).sum(-1) + 1, max=cum.shape[1])  # (B,) prefix length
-        pos = self._inverse_cdf(cum, n_keep, u)
-        return order.gather(-1, pos[:, None]).squeeze(-1)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
-        u = self._uniforms(probs.device)  # (B,)
-        batch, vocab = probs.shape
-        if self.top_p >= 1.0:  # no truncation: any token order will do
-            full_len = torch.full((batch,), vocab, device=probs.device)
-            picks = self._inverse_cdf(probs.double().cumsum(-1), full_len, u)
-        else:
-            top, order = probs.topk(min(self.candidates, vocab), dim=-1, sorted=True)  # (B, K)
-            cum = top.double().cumsum(-1)
-            fast = cum[:, -1] >= self.top_p  # the top-p set lies within the K candidates
-            picks = torch.empty(batch, dtype=torch.long, device=probs.device)
-            if fast.any():
-                picks[fast] = self._pick_top_p(cum[fast], order[fast], u[fast])
-            if not fast.all():
-                sorted_probs, full_order = probs[~fast].sort(dim=-1, descending=True, stable=True)
-                picks[~fast] = self._pick_top_p(sorted_probs.double().cumsum(-1), full_order, u[~fast])
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, picks[:, None], 0.0)
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: the tokenizer's EOS and the generation config's EOS ids of the
     causal LM inside ``model`` (peft / torch.compile / DDP wrappers are unwrapped). Sorted."""
@@ -144,11 +89,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 class _BatchSampler:
     """The batched sampling core of ``sample_responses`` and ``sample_completions``.
 
-    Called with a batch of prompts (token ids, any lengths) and one seed per row, it left-pads the
-    prompts (pad == eos for SmolLM2, hence the explicit attention mask and pad_token_id), generates
-    with a ``RowSampler`` whose row i draws from a generator seeded by ``seeds[i]``, and returns each
-    row's new token ids (up to ``max_new_tokens``; after a stop token the row is padded with
-    ``pad_id``). Rows do not depend on their batch or on the global RNG.
+    Called with a batch of prompts (token ids, any lengths) and one seed per row, it samples with
+    ``rmlib.model.decoding.DecodeLoop`` (row i draws from a generator seeded by ``seeds[i]``) and
+    returns each row's new token ids, up to and including its first stop token (or
+    ``max_new_tokens`` ids). Rows do not depend on their batch or on the global RNG. pad == eos for
+    SmolLM2: the padding is marked by the attention mask.
     """
 
     def __init__(self, policy, tokenizer, max_new_tokens: int, temperature: float, top_p: float,
@@ -159,10 +104,8 @@ class _BatchSampler:
         self.device = next(policy.parameters()).device
         self.bf16 = resolve_bf16(bf16, self.device)
         self.temperature, self.top_p = float(temperature), float(top_p)
-        self.gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
-        )  # sampling is done by RowSampler; everything else switched off so the policy's defaults can't leak in
+        self.loop = DecodeLoop(policy, self.stop_ids, self.pad_id, max_new_tokens, self.temperature, self.top_p,
+                               self.bf16)
 
     @contextlib.contextmanager
     def eval_mode(self):
@@ -174,20 +117,8 @@ class _BatchSampler:
         finally:
             self.policy.train(was_training)
 
-    @torch.no_grad()
     def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
-        rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
-        input_ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id, padding_side="left")
-        attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0,
-                                      padding_side="left")
-        gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        sampler = RowSampler(gens, self.temperature, self.top_p)
-        with autocast(self.device, self.bf16):
-            out = self.policy.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                generation_config=self.gen_cfg, logits_processor=LogitsProcessorList([sampler]),
-            )
-        return out[:, input_ids.shape[1]:].cpu().tolist()  # (B, <= max_new_tokens)
+        return self.loop(prompts, seeds)
 
 
 def split_response(ids: list[int], stop_token_ids) -> tuple[list[int], bool]:
@@ -239,9 +170,12 @@ def _check_meta(meta_path: Path, meta: dict) -> None:
         return
     old = read_json(meta_path)
     for key in _META_STRICT:
-        if key in old and old[key] != meta[key]:
+        if key not in old and key not in _META_BEFORE:
+            continue
+        if old.get(key, _META_BEFORE.get(key)) != meta[key]:
             raise ValueError(
-                f"{meta_path.with_suffix('')} was sampled with {key}={old[key]!r}, not {meta[key]!r}; "
+                f"{meta_path.with_suffix('')} was sampled with {key}={old.get(key, _META_BEFORE.get(key))!r}, not "
+                f"{meta[key]!r}; "
                 "use another out_path (mixing settings in one file would mix distributions)"
             )
     for key in _META_SOFT:
@@ -300,7 +234,7 @@ def sample_responses(
     sampler = _BatchSampler(policy, tokenizer, max_new_tokens, temperature, top_p, bf16)
     stop_ids = sampler.stop_ids
     meta = {"format": "rmlib-bon-samples-v1", "seed": int(seed), "temperature": float(temperature),
-            "top_p": float(top_p), "max_new_tokens": int(max_new_tokens), "stop_token_ids": stop_ids,
+            "top_p": float(top_p), "max_new_tokens": int(max_new_tokens), "stop_token_ids": stop_ids, "sampler": SAMPLER,
             "batch_size": int(batch_size), "bf16": bool(sampler.bf16),
             "policy": str(getattr(getattr(policy, "config", None), "_name_or_path", ""))}
     meta_path = out_path.with_name(out_path.name + ".meta.json")
