@@ -152,6 +152,67 @@ def test_prealloc_layer_appends_selects_and_repeats_rows():
         layer.update(torch.randn(3, 3, 1, 4), torch.randn(3, 3, 1, 4))
 
 
+# -- decode attention and packed linears -------------------------------------------------------------------
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa_for_one_query(masked):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, length, dim = 3, 6, 2, 7, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
+    q = torch.randn(b, heads, 1, dim, generator=g)
+    k, v = torch.randn(b, kv_heads, length, dim, generator=g), torch.randn(b, kv_heads, length, dim, generator=g)
+    mask = None
+    if masked:  # left padding: row 1 misses its first two positions, row 2 its first one
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask[1, ..., :2] = False
+        mask[2, ..., :1] = False
+    got, _ = decoding.decode_attention(module, q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == ref.shape == (b, 1, heads, dim)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    # a prefill (several queries) is sdpa's own
+    q3 = torch.randn(b, heads, 3, dim, generator=g)
+    torch.testing.assert_close(decoding.decode_attention(module, q3, k, v, None, scaling=0.3)[0],
+                               sdpa_attention_forward(module, q3, k, v, None, scaling=0.3)[0])
+
+
+def test_decode_attention_is_switched_on_for_sdpa_models_only(tokenizer):
+    model = make_tiny_lm(tokenizer, layers=1)
+    assert model.config._attn_implementation == "sdpa"
+    with decoding.decode_attention_on(model):
+        assert model.config._attn_implementation == decoding.DECODE_ATTENTION
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = "eager"
+    with decoding.decode_attention_on(model):
+        assert model.config._attn_implementation == "eager"
+
+
+needs_bf16 = pytest.mark.skipif(not decoding._packing_available(torch.device("cpu"), True),
+                                reason="no native bf16 (oneDNN) on this CPU")
+
+
+@needs_bf16
+def test_packed_linears_equal_the_autocast_linear_and_follow_weight_updates(tokenizer):
+    model = make_tiny_lm(tokenizer, layers=1).eval()
+    x = torch.randint(0, 1000, (3, 5))
+    packed = decoding.PackedLinears()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x).logits
+        with packed.patch(model, 3):
+            got = model(x).logits
+            assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
+        assert not any("forward" in m.__dict__ for m in model.modules())  # restored
+        assert torch.equal(got, ref)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # an in-place update (as an optimizer step)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a new region: autocast recasts too
+        ref2 = model(x).logits
+        with packed.patch(model, 3):
+            assert torch.equal(model(x).logits, ref2) and not torch.equal(ref2, ref)  # repacked, not stale
+
+
 # -- the loop on a tiny model ------------------------------------------------------------------------------
 STOPS = [2, 0]
 
@@ -185,13 +246,31 @@ def _loop(model, tokenizer, n_new=20, temperature=0.7, top_p=0.95, **kw):
 
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 0.95), (1.0, 1.0), (0.7, 0.5)])
 @pytest.mark.parametrize("compact, share", [(2.0, False), (decoding.COMPACT_FRACTION, True), (0.0, True)])
-def test_same_tokens_as_hf_generate_in_float32(peaked_lm, tokenizer, prompts, temperature, top_p, compact, share):
+@pytest.mark.parametrize("padding", [True, False])
+def test_same_tokens_as_hf_generate_in_float32(peaked_lm, tokenizer, prompts, temperature, top_p, compact, share,
+                                               padding):
+    if not padding:  # one prompt length: generate passes no attention mask at all
+        prompts = [prompts[1]] * 6 + [prompts[6]] * 6
+        assert len({len(p) for p in prompts}) == 1
     seeds = list(range(100, 100 + len(prompts)))
     ref = hf_generate_rows(peaked_lm, prompts, seeds, STOPS, tokenizer.pad_token_id, 20, temperature, top_p, False)
     loop = _loop(peaked_lm, tokenizer, temperature=temperature, top_p=top_p, compact=compact, share_prefill=share)
     assert loop(prompts, seeds) == ref
     if top_p > 0.5 and compact < 1:  # replies end at different steps: finished rows were dropped
         assert loop.compactions > 0
+
+
+@needs_bf16
+def test_bf16_agrees_with_hf_generate_on_most_rows(peaked_lm, tokenizer, prompts):
+    """In bf16 the decode attention (float32 scores from the float32 keys) differs from sdpa's (bf16
+    keys) in rounding, so a sample can take another token now and then; most rows agree whole."""
+    seeds = list(range(100, 100 + len(prompts)))
+    ref = hf_generate_rows(peaked_lm, prompts, seeds, STOPS, tokenizer.pad_token_id, 20, 0.7, 0.95, True)
+    got = DecodeLoop(peaked_lm, STOPS, tokenizer.pad_token_id, 20, 0.7, 0.95, bf16=True)(prompts, seeds)
+    assert sum(a == b for a, b in zip(got, ref)) >= 0.75 * len(ref)
+    # with sdpa's attention the rest is bitwise the same: packed linears change no number
+    exact = DecodeLoop(peaked_lm, STOPS, tokenizer.pad_token_id, 20, 0.7, 0.95, bf16=True, fast_attention=False)
+    assert exact(prompts, seeds) == ref
 
 
 def test_rows_do_not_depend_on_their_batch_mates(peaked_lm, tokenizer, prompts):
