@@ -357,6 +357,100 @@ def measure_generation(spec: dict) -> dict:
             "batch1": {"rows": len(texts), "tokens": b1_tokens, "seconds": b1_s, "tokens_per_second": b1_tokens / b1_s}}
 
 
+def sampling_prompts(tok, count: int, length: int, seed: int) -> list[list[int]]:
+    """``count`` distinct prompts of exactly ``length`` tokens: HH prompts (seeded order), chat-formatted,
+    cut from the LEFT as rmlib cuts prompts (so each ends with the assistant header)."""
+    from rmlib.data import load_hh_rlhf
+    from rmlib.model.encoding import format_prompt
+
+    ds = load_hh_rlhf().dataset
+    picked, seen = [], set()
+    for i in np.random.default_rng(seed).permutation(len(ds)).tolist():
+        ids = tok(format_prompt(tok, ds[i]["prompt"]), add_special_tokens=False)["input_ids"]
+        if len(ids) >= length and tuple(ids[-length:]) not in seen:
+            seen.add(tuple(ids[-length:]))
+            picked.append(ids[-length:])
+        if len(picked) == count:
+            return picked
+    raise ValueError(f"only {len(picked)} distinct HH prompts have >= {length} tokens; {count} needed")
+
+
+def _until_stop(rows: list[list[int]], stops) -> list[list[int]]:
+    """Each row up to and including its first stop token."""
+    stops = set(stops)
+    return [r[: next((k + 1 for k, t in enumerate(r) if t in stops), len(r))] for r in rows]
+
+
+def measure_sampling(spec: dict) -> dict:
+    """tokens/s of three ways to continue B distinct prompts (``sampling_prompt_tokens`` tokens each)
+    by ``sampling_new_tokens`` tokens at T=0.7, top-p 0.95, for each B in ``sampling_batches``:
+    HF ``generate`` (do_sample, top_k=0), the raw decode forward with its KV cache and no sampling
+    (prefill + one forward per token: the limit), and rmlib's engine (``DecodeLoop``, as
+    ``sample_responses`` runs it). Tokens: generated tokens up to and including the stop token
+    (raw: every row runs to the end); each engine warmed up first."""
+    from transformers import DynamicCache, GenerationConfig
+
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.model.decoding import SAMPLER, DecodeLoop
+    from rmlib.model.generation import stop_token_ids
+
+    z = spec["sizes"]
+    temperature, top_p = 0.7, 0.95
+    p_len, n_new = z["sampling_prompt_tokens"], z["sampling_new_tokens"]
+    tok = load_tokenizer(spec["backbone"])
+    policy = load_causal_lm(spec["backbone"]).eval()
+    stops, pad = stop_token_ids(policy, tok), tok.pad_token_id
+    all_prompts = sampling_prompts(tok, max(z["sampling_batches"]), p_len, z["seed"])
+
+    def hf(prompts, new):
+        cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new,
+                               eos_token_id=stops, pad_token_id=pad, use_cache=True)
+        torch.manual_seed(z["seed"])
+        ids = torch.tensor(prompts)
+        with torch.no_grad(), autocast():
+            out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        return _until_stop(out[:, ids.shape[1]:].tolist(), stops)
+
+    def raw(prompts, new):
+        ids = torch.tensor(prompts)
+        pos = torch.arange(ids.shape[1]).expand(len(prompts), -1)
+        cache, last = DynamicCache(), ids[:, -1:]
+        with torch.no_grad(), autocast():
+            policy(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for k in range(new - 1):  # the prefill gave the first token's logits
+                policy(input_ids=last, position_ids=pos[:, -1:] + 1 + k, past_key_values=cache, use_cache=True)
+        return [[0] * new for _ in prompts]
+
+    loop_info = {}
+
+    def rmlib(prompts, new):
+        loop = DecodeLoop(policy, stops, pad, new, temperature, top_p, spec["bf16"])
+        rows = loop(prompts, list(range(len(prompts))))
+        loop_info.update(steps=loop.steps_run + 1, compactions=loop.compactions)
+        return rows
+
+    engines = {"hf_generate": hf, "raw_decode": raw, "rmlib": rmlib}
+    log("warm-up (4 rows, 4 new tokens, each engine)")
+    for fn in engines.values():
+        fn(all_prompts[:4], 4)
+    batches = []
+    for b in z["sampling_batches"]:
+        row = {"batch": b}
+        for name, fn in engines.items():
+            t0 = time.perf_counter()
+            rows = fn(all_prompts[:b], n_new)
+            dt = time.perf_counter() - t0
+            tokens = sum(len(r) for r in rows)
+            row[name] = {"seconds": dt, "tokens": tokens, "tokens_per_second": tokens / dt,
+                         "finished": sum(1 for r in rows if r and r[-1] in stops and name != "raw_decode")}
+            if name == "rmlib":
+                row[name].update(loop_info)
+            log(f"B={b} {name}: {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tok/s")
+        batches.append(row)
+    return {"prompt_tokens": p_len, "new_tokens": n_new, "temperature": temperature, "top_p": top_p,
+            "sampler": SAMPLER, "batches": batches}
+
+
 def measure_sweep(spec: dict) -> dict:
     """Variants trained one after another (mode topk) in this process with a fresh store; wall
     seconds per run, model loading and the store build (first run) included."""
@@ -397,6 +491,7 @@ MEASURE = {
     "rmlib_frozen_kept": measure_rmlib_train,
     "scoring": measure_scoring,
     "generation": measure_generation,
+    "sampling": measure_sampling,
     "sweep_one": measure_sweep,
     "sweep": measure_sweep,
 }

@@ -20,6 +20,10 @@ import math
 from typing import Any
 
 RATIO_LINE_PREFIX = "training speed vs TRL RewardTrainer: "
+SAMPLING_LINE_PREFIX = "sampling speed vs HF generate: "
+# issue 18's targets for the sampling engine, at every batch size
+SAMPLING_TARGET_VS_HF = 2.5
+SAMPLING_TARGET_OF_RAW = 0.8
 ALL_PAIRS_LINE_PREFIX = "all-pairs training speed vs TRL RewardTrainer: "
 # the six losses of issue 9, by their names in rmlib.reward.variants.VARIANTS (bench.run checks them first)
 SWEEP_VARIANTS = ("bt", "bsr", "center", "grm", "grm_dpo_noref", "bsr_grm")
@@ -35,6 +39,7 @@ MEASUREMENTS: dict[str, str] = {
     "rmlib_frozen_kept": "rmlib trainer, mode frozen (head only, bottom store, fresh), TRL-kept pairs",
     "scoring": "scoring: batched plain / per-example loop / store path",
     "generation": "generation: sample_responses batch 32 / batch-1 generate",
+    "sampling": "sampling engine: rmlib DecodeLoop / HF generate / raw decode forward, several batch sizes",
     "sweep_one": "one BT run, mode topk, fresh store",
     "sweep": "6-loss sweep, mode topk, fresh store",
 }
@@ -174,6 +179,14 @@ def summarize(results: dict) -> dict[str, Any]:
     gen = _result(results, "generation")
     if gen:
         s["generation_ratio"] = ratio(gen["batched"]["tokens_per_second"], gen["batch1"]["tokens_per_second"])
+    sp = _result(results, "sampling")
+    if sp:
+        s["sampling"] = [{"batch": r["batch"],
+                          "vs_hf": ratio(r["rmlib"]["tokens_per_second"], r["hf_generate"]["tokens_per_second"]),
+                          "of_raw": ratio(r["rmlib"]["tokens_per_second"], r["raw_decode"]["tokens_per_second"]),
+                          "raw_vs_hf": ratio(r["raw_decode"]["tokens_per_second"],
+                                             r["hf_generate"]["tokens_per_second"])}
+                         for r in sp["batches"]]
     one, sweep = _result(results, "sweep_one"), _result(results, "sweep")
     if one and sweep:
         s["sweep_ratio"] = ratio(sweep["total_seconds"], one["total_seconds"])
@@ -295,6 +308,13 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
                      f"({g['prompts']} prompts x {g['samples_per_prompt']} samples)",
                      _f(g["batched"]["tokens_per_second"], ".1f", " tok/s"), _x(s["generation_ratio"]) + " vs batch 1",
                      "–", "–", "(same process)"])
+    if not missing("sampling", "sampling engine"):
+        sp, big = _result(results, "sampling"), s["sampling"][-1]
+        r = sp["batches"][-1]
+        rows.append([f"sampling, rmlib DecodeLoop, batch {r['batch']}, {sp['prompt_tokens']}-token prompts, "
+                     f"{sp['new_tokens']} new tokens (HF generate: {r['hf_generate']['tokens_per_second']:.1f} tok/s)",
+                     _f(r["rmlib"]["tokens_per_second"], ".1f", " tok/s"), _x(big["vs_hf"]) + " vs HF generate", "–",
+                     _pct(big["of_raw"]) + " of raw decode", _rss(results, "sampling")])
     if not missing("sweep_one", "one BT run"):
         o = _result(results, "sweep_one")
         rows.append([f"one BT run, mode topk, {o['pairs']} pairs, fresh store (load + store + train)",
@@ -353,10 +373,51 @@ def target_rows(results: dict, s: dict) -> list[list[str]]:
                  f"plain: {_yes_no(None if sp is None else sp >= 5)}, store: {_yes_no(None if ss is None else ss >= 5)}"])
     sw = s.get("sweep_ratio")
     rows.append(["6-loss sweep <= 1.5x one run", _x(sw), _yes_no(None if sw is None else sw <= 1.5)])
+    rows.append(sampling_target_row(s))
     rss = [m.get("peak_rss_bytes") for m in results.get("measurements", {}).values() if m.get("peak_rss_bytes")]
     rows.append(["`make reproduce` (cpu) < 60 min, peak RSS < 8 GiB",
                  f"not measured by `make bench`; largest peak RSS of a measurement here: {_gib(max(rss) if rss else None)}",
                  "–"])
+    return rows
+
+
+def sampling_line(s: dict, why_missing: str = "") -> str:
+    """``sampling speed vs HF generate: N.NNx`` at the largest batch, then the fraction of the raw decode
+    throughput and the other batches; or ``n/a (...)``."""
+    sp = s.get("sampling")
+    if not sp or sp[-1]["vs_hf"] is None:
+        return SAMPLING_LINE_PREFIX + f"n/a ({why_missing or 'not measured'})"
+    big = sp[-1]
+    others = "; ".join(f"batch {r['batch']}: {_x(r['vs_hf'])}, {_pct(r['of_raw'])} of raw" for r in sp[:-1])
+    return (SAMPLING_LINE_PREFIX + f"{big['vs_hf']:.2f}x at batch {big['batch']} ({_pct(big['of_raw'])} of the raw "
+            f"decode throughput)" + (f"; {others}" if others else ""))
+
+
+def sampling_target_row(s: dict) -> list[str]:
+    """Issue 18: >= 2.5x HF generate AND >= 80% of the raw decode forward, at every batch size."""
+    sp = s.get("sampling") or []
+    got = "; ".join(f"B={r['batch']}: {_x(r['vs_hf'])} vs HF, {_pct(r['of_raw'])} of raw (raw/HF {_x(r['raw_vs_hf'])})"
+                    for r in sp) or "not measured"
+    ok_hf = [r["vs_hf"] >= SAMPLING_TARGET_VS_HF for r in sp if r["vs_hf"] is not None]
+    ok_raw = [r["of_raw"] >= SAMPLING_TARGET_OF_RAW for r in sp if r["of_raw"] is not None]
+    met = "–" if not ok_hf else (f"vs HF: {_yes_no(all(ok_hf))} ({sum(ok_hf)} of {len(ok_hf)} batches), "
+                                 f"of raw: {_yes_no(all(ok_raw))} ({sum(ok_raw)} of {len(ok_raw)})")
+    return [f"sampling >= {SAMPLING_TARGET_VS_HF}x HF generate and >= {SAMPLING_TARGET_OF_RAW:.0%} of the raw decode "
+            "forward (issue 18)", got, met]
+
+
+def sampling_rows(results: dict, s: dict) -> list[list[str]]:
+    """One row per batch size of the sampling measurement."""
+    sp = _result(results, "sampling")
+    if not sp:
+        return []
+    rows = []
+    for r, d in zip(sp["batches"], s["sampling"]):
+        m = r["rmlib"]
+        rows.append([str(r["batch"]), _f(r["hf_generate"]["tokens_per_second"], ".1f"),
+                     _f(r["raw_decode"]["tokens_per_second"], ".1f"), _f(m["tokens_per_second"], ".1f"),
+                     _x(d["vs_hf"]), _pct(d["of_raw"]), _x(d["raw_vs_hf"]),
+                     f"{m['finished']} / {r['hf_generate']['finished']}", str(m.get("compactions", "–"))])
     return rows
 
 
@@ -395,6 +456,16 @@ def render_markdown(results: dict) -> str:
     out += ["## Fine-tuning modes (issue 3): what each reaches and costs", ""]
     out.append(_table(["mode", "trainable", "pairs/s (train only)", "store build", "held-out acc: all / TRL-kept",
                        "peak RSS"], mode_rows(results)))
+    st = _status(results, "sampling")
+    out += ["## Sampling engine (issue 18)", "", sampling_line(s, st or ""), ""]
+    sp = _result(results, "sampling")
+    if sp:
+        out += [f"{sp['prompt_tokens']}-token prompts (distinct), {sp['new_tokens']} new tokens, T={sp['temperature']}, "
+                f"top-p {sp['top_p']}, {'bf16 autocast' if s['precision'] == 'bf16' else 'float32'}; tok/s; peak RSS "
+                f"of the measurement {_rss(results, 'sampling')}.", ""]
+        out.append(_table(["batch", "HF generate", "raw decode (limit)", f"rmlib ({sp.get('sampler', '?')})",
+                           "rmlib vs HF", "rmlib of raw", "raw vs HF", "rows finished: rmlib / HF",
+                           "compactions"], sampling_rows(results, s)))
     out += ["## Targets (issue 9)", ""]
     out.append(_table(["target", "this run", "met"], target_rows(results, s)))
     out += ["## Definitions and notes", ""]
@@ -438,6 +509,13 @@ def notes(results: dict, s: dict) -> list[str]:
         "- **Generation**: `rmlib.model.generation.sample_responses` (T=0.7, top-p 0.95, batch 32, n samples per prompt) vs "
         "`model.generate` at batch 1 with the same sampling settings, prompts and max_new_tokens; both warmed "
         "up first. Tokens = generated tokens including the end-of-turn token.",
+        "- **Sampling engine**: B distinct HH prompts (chat-formatted, their last 40 tokens), continued by 64 tokens "
+        "at T=0.7, top-p 0.95 by three engines in one process, each warmed up: HF `generate` (do_sample, top_k=0, "
+        "the prompts' own stop tokens), the raw decode forward (prefill + one forward per token with HF's "
+        "DynamicCache, no sampling: the limit a sampler can reach with this forward), and rmlib's `DecodeLoop` "
+        "(what `sample_responses` runs: per-row generators, exact top-p, finished rows dropped). Tokens = "
+        "generated tokens up to and including the stop token (raw: every row runs all 64). "
+        "`sampling speed vs HF generate` = rmlib tok/s / HF generate tok/s at the largest batch.",
         "- **Sweep**: the six variants of `rmlib.reward.variants.VARIANTS` trained one after another in one process "
         "through `train_reward_model` (mode topk, fresh store: the first run builds it, the others reuse it) "
         "vs one BT run in its own process with its own fresh store; wall seconds include model loading.",

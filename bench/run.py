@@ -46,6 +46,9 @@ class Sizes:
     gen_batch: int = 32  # sample_responses batch size
     gen_max_new_tokens: int = 128
     gen_max_prompt_tokens: int = 160
+    sampling_batches: list[int] = field(default_factory=lambda: [32, 128, 256])  # issue 18's batch sizes
+    sampling_prompt_tokens: int = 40
+    sampling_new_tokens: int = 64
     matmul_sizes: list[int] = field(default_factory=lambda: [2048, 3072])  # peak = best median over sizes
     matmul_repeats: int = 5
     max_length: int = 256
@@ -59,7 +62,7 @@ class Sizes:
 
 # --quick: a handful of pairs (2 training steps), one repeat: proves every measurement runs end to end
 QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen_samples=16, gen_max_new_tokens=8,
-             matmul_sizes=[2048], matmul_repeats=1)
+             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8)
 
 
 def plan() -> list[tuple[str, dict]]:
@@ -76,9 +79,15 @@ def plan() -> list[tuple[str, dict]]:
         ("rmlib_frozen_kept", {"mode": "frozen", "subset": "kept"}),
         ("scoring", {}),
         ("generation", {}),
+        ("sampling", {}),
         ("sweep_one", {"variants": ["bt"]}),
         ("sweep", {"variants": list(SWEEP_VARIANTS)}),
     ]
+
+
+# tok/s of the sampling engines at issue 18's batch sizes, measured on a quiet 2-core avx512_bf16 machine
+# (HF generate 128-149, raw decode 219-314, rmlib 280-480): the sampling measurement takes ~6 min
+SAMPLING_RATES = {"hf": 140.0, "raw": 270.0, "rmlib": 380.0}
 
 
 def estimate_seconds(z: Sizes) -> float:
@@ -87,7 +96,9 @@ def estimate_seconds(z: Sizes) -> float:
     score = 0.2 * 2 * z.n_eval  # plain forward ~0.2 s per sequence, batched
     store_eval = z.n_eval / 3
     gen = z.gen_prompts * z.gen_samples * z.gen_max_new_tokens / 200 + z.gen_prompts * z.gen_max_new_tokens / 15
-    return (11 * 20 + 5
+    sampling = sum(z.sampling_batches) * z.sampling_new_tokens * (1 / SAMPLING_RATES["hf"] + 1 / SAMPLING_RATES["raw"]
+                                                                  + 1 / SAMPLING_RATES["rmlib"])
+    return (12 * 20 + 5
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept
@@ -95,7 +106,7 @@ def estimate_seconds(z: Sizes) -> float:
             + kept / 0.9 + score  # lora (backward through every layer, like full)
             + kept * (1 / 3 + 1 / 50) + store_eval  # frozen (head only on the stored final layer)
             + 2 * z.n_score_pairs * (0.2 + 0.3 + 0.15 + 0.03)  # scoring
-            + gen
+            + gen + sampling
             + z.n_sweep * (1 / 3 + 1 / 5)  # one BT run
             + z.n_sweep * (1 / 3 + 3 / 5 + 3 * 2 / 5) + 6 * 5)  # sweep (GRM runs ~2x: LM head on replies)
 
@@ -199,6 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if f.type in ("int", "float", int, float):
             ap.add_argument("--" + f.name.replace("_", "-"), type=int if f.type in ("int", int) else float,
                             default=None, help=f"override Sizes.{f.name}")
+        elif f.type in ("list[int]", list[int]):
+            ap.add_argument("--" + f.name.replace("_", "-"), type=lambda v: [int(x) for x in v.split(",")],
+                            default=None, help=f"override Sizes.{f.name} (comma-separated)")
     return ap.parse_args(argv)
 
 

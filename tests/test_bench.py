@@ -31,6 +31,7 @@ from bench.report import (  # noqa: E402
 )
 
 RATIO_RE = re.compile(r"training speed vs TRL RewardTrainer: \d+\.\d\dx")
+SAMPLING_RE = re.compile(r"sampling speed vs HF generate: \d+\.\d\dx")
 
 
 # -- arithmetic ---------------------------------------------------------------------------------------
@@ -117,6 +118,15 @@ def made_up_results() -> dict:
                           "batched": {"batch_size": 32, "rows": 64, "tokens": 8000, "seconds": 40.0,
                                       "tokens_per_second": 200.0},
                           "batch1": {"rows": 8, "tokens": 1000, "seconds": 66.7, "tokens_per_second": 15.0}}),
+        "sampling": _m({"prompt_tokens": 40, "new_tokens": 64, "temperature": 0.7, "top_p": 0.95,
+                        "sampler": "rmlib-decode-v1", "batches": [
+                            {"batch": b, "hf_generate": {"seconds": 10.0, "tokens": 10 * hf, "tokens_per_second": hf,
+                                                         "finished": 3},
+                             "raw_decode": {"seconds": 10.0, "tokens": 10 * raw, "tokens_per_second": raw,
+                                            "finished": 0},
+                             "rmlib": {"seconds": 10.0, "tokens": 10 * rm, "tokens_per_second": rm, "finished": 4,
+                                       "steps": 64, "compactions": 1}}
+                            for b, hf, raw, rm in ((32, 100.0, 150.0, 140.0), (256, 100.0, 300.0, 260.0))]}, 1.5),
         "sweep_one": _m({"variants": ["bt"], "pairs": 200, "total_seconds": 100.0,
                          "runs": [{"variant": "bt", "seconds": 100.0, "store_seconds": 60.0, "train_seconds": 35.0}]}),
         "sweep": _m({"variants": list(report.SWEEP_VARIANTS), "pairs": 200, "total_seconds": 400.0,
@@ -147,6 +157,9 @@ def test_summary_numbers():
     assert s["scoring_plain_ratio"] == pytest.approx(2.5) and s["scoring_store_ratio"] == pytest.approx(12.5)
     assert s["generation_ratio"] == pytest.approx(200 / 15)
     assert s["sweep_ratio"] == pytest.approx(4.0)
+    assert [r["batch"] for r in s["sampling"]] == [32, 256]
+    assert s["sampling"][-1]["vs_hf"] == pytest.approx(2.6) and s["sampling"][-1]["of_raw"] == pytest.approx(260 / 300)
+    assert s["sampling"][0]["raw_vs_hf"] == pytest.approx(1.5)
 
 
 def test_report_has_every_row_and_one_exact_ratio_line():
@@ -165,14 +178,20 @@ def test_report_has_every_row_and_one_exact_ratio_line():
                  f"6-loss sweep ({', '.join(report.SWEEP_VARIANTS)})", "4.00x vs one run",
                  "(model FLOPs)", "(work done)", "(top layers)", "6.00 GiB", "60.0% / 62.0%", "59.5% / 62.0%",
                  "AMD EPYC test", "torch 2.13.0 (2 threads)", "36.0% of the tokens", "num_train_epochs=1",
-                 "activation_checkpointing=False", "## Targets", "## Definitions"]:
+                 "activation_checkpointing=False", "## Targets", "## Definitions", "## Sampling engine (issue 18)",
+                 "2.60x vs HF generate", "86.7% of raw decode", "rmlib (rmlib-decode-v1)", "1.50 GiB",
+                 "| 32 | 100.0 | 150.0 | 140.0 | 1.40x | 93.3% | 1.50x | 4 / 3 | 1 |"]:
         assert text in md, text
     # every main-table row has the same number of cells as its header
     table = [l for l in lines if l.startswith("| ")]
     header = table[0].count(" | ")
     main_rows = table[1 : 1 + len(report.main_rows(made_up_results(), summarize(made_up_results())))]
     assert all(r.count(" | ") == header for r in main_rows)
-    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 2
+    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 1 + 2
+    sampling = [l for l in lines if l.startswith(report.SAMPLING_LINE_PREFIX)]
+    assert sampling == ["sampling speed vs HF generate: 2.60x at batch 256 (86.7% of the raw decode throughput); "
+                        "batch 32: 1.40x, 93.3% of raw"]
+    assert SAMPLING_RE.match(sampling[0])
     assert "QUICK" not in md and "Warning" not in md
 
 
@@ -204,6 +223,9 @@ def test_targets_rows():
         "speed: yes, accuracy within ±1 pt: **no** (rmlib higher)"
     assert rows[3][1] == "4.00x" and rows[3][2] == "**no**"  # sweep 4x > 1.5x
     assert "plain: **no**, store: yes" == rows[2][2]
+    samp = next(r for r in rows if r[0].startswith("sampling >= 2.5x"))
+    assert "B=256: 2.60x vs HF, 86.7% of raw (raw/HF 3.00x)" in samp[1]
+    assert samp[2] == "vs HF: **no** (1 of 2 batches), of raw: yes (2 of 2)"
 
 
 def test_report_with_a_failed_and_a_missing_measurement():
@@ -217,6 +239,10 @@ def test_report_with_a_failed_and_a_missing_measurement():
     assert line.startswith("training speed vs TRL RewardTrainer: n/a (trl FAILED: RuntimeError: boom")
     assert "QUICK MODE" in md and "2 separate runs" in md
     assert "| 6-loss sweep | not run |" in md
+    res["measurements"]["sampling"] = {"ok": False, "result": None, "error": "Traceback\nValueError: no", "returncode": 1}
+    md = render_markdown(res)
+    assert "sampling speed vs HF generate: n/a (FAILED: ValueError: no)" in md
+    assert "| sampling engine | FAILED: ValueError: no |" in md
     assert "– vs TRL" in md  # ratios against a failed baseline are shown as missing
 
 
@@ -233,13 +259,39 @@ def test_outputs_are_written_atomically(tmp_path):
 def test_default_sizes_fit_the_budget_and_quick_is_tiny():
     from bench.run import QUICK, Sizes, estimate_seconds, plan
 
-    assert estimate_seconds(Sizes()) <= 60 * 60
+    assert estimate_seconds(Sizes()) <= 65 * 60  # issue 9's ~55 min + issue 18's sampling measurement (~6 min)
     quick = Sizes(**QUICK)
     assert quick.n_train <= 16 and quick.n_eval <= 16 and quick.n_sweep <= 16 and quick.matmul_repeats <= 3
     assert [n for n, _ in plan()] == list(report.MEASUREMENTS)
     from rmlib.reward.variants import VARIANTS
 
     assert set(report.SWEEP_VARIANTS) <= set(VARIANTS) and len(report.SWEEP_VARIANTS) == 6
+
+
+# -- the sampling measurement, run at --quick sizes -----------------------------------------------------
+def test_sampling_measurement_runs_at_quick_sizes(tiny_backbone):
+    """``bench.measure.measure_sampling`` end to end at the --quick sizes (tiny random backbone, real
+    HH prompts): every engine at every batch size, a report table from it."""
+    from dataclasses import asdict
+
+    from bench.measure import measure_sampling, sampling_prompts
+    from bench.run import QUICK, Sizes
+    from rmlib.model.assets import load_tokenizer
+
+    sizes = asdict(Sizes(**QUICK))
+    prompts = sampling_prompts(load_tokenizer(tiny_backbone), 8, 40, 0)
+    assert len({tuple(p) for p in prompts}) == 8 and {len(p) for p in prompts} == {40}
+    res = measure_sampling({"backbone": tiny_backbone, "sizes": sizes, "bf16": False, "threads": 1})
+    assert [r["batch"] for r in res["batches"]] == sizes["sampling_batches"]
+    for r in res["batches"]:
+        assert r["raw_decode"]["tokens"] == r["batch"] * sizes["sampling_new_tokens"]
+        for name in ("hf_generate", "raw_decode", "rmlib"):
+            assert 0 < r[name]["tokens"] <= r["batch"] * sizes["sampling_new_tokens"]
+            assert r[name]["tokens_per_second"] > 0
+    results = made_up_results()
+    results["measurements"]["sampling"] = _m(res)
+    md = render_markdown(results)
+    assert SAMPLING_RE.search(md) and f"batch {sizes['sampling_batches'][-1]} (" in md
 
 
 # -- TRL's dataset format -----------------------------------------------------------------------------

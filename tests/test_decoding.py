@@ -97,6 +97,18 @@ def test_mixed_batch_matches_the_reference_row_by_row():
         torch.testing.assert_close(freq, reference_probs(LOGITS[name], 0.7, 0.95), atol=2.0 / (GRID // 2), rtol=0)
 
 
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
+def test_work_buffers_give_the_same_picks(top_p):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(64, 12, generator=g) * torch.linspace(0.5, 8, 64)[:, None]  # flat to peaked rows
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    ref = top_p_pick(scores, u, 0.7, top_p, candidates=4)
+    mine, work = scores.clone(), torch.empty_like(scores)
+    assert torch.equal(top_p_pick(mine, u, 0.7, top_p, candidates=4, work=work), ref)
+    assert torch.equal(mine, scores / 0.7)  # divided in place, as documented
+    assert torch.equal(work, torch.softmax(scores / 0.7, -1))
+
+
 @pytest.mark.parametrize("name, top_p, candidates", [("peaked", 0.95, 4), ("flat", 0.95, 4), ("ties", 0.8, 3)])
 def test_random_draws_pass_a_chi_square_against_the_reference_multinomial(name, top_p, candidates):
     logits, n = LOGITS[name], 20_000
