@@ -209,6 +209,68 @@ class TestRelabel:
             synthetic_gold.relabel_pairs(pool(2), [1.0, 2.0], [0.0, 0.0], tie_tol=-1)
 
 
+class TestLabelNoise:
+    def gold_labelled(self, n):
+        return to_dataset([pair_row(id=f"p{i}", prompt=[{"role": "user", "content": f"q{i}"}], chosen=f"c{i}",
+                                    rejected=f"r{i}", source="alpaca_eval", chosen_generator=f"gc{i}",
+                                    rejected_generator=f"gr{i}", chosen_score=1.0 + i, rejected_score=0.0)
+                           for i in range(n)])
+
+    def test_coin_flip_redraws_about_2p_and_gets_about_p_wrong(self):
+        ds = self.gold_labelled(4000)
+        out = synthetic_gold.add_label_noise(ds, 0.25, seed=0)
+        # binomial(4000, 1/2) and (4000, 1/4): 4 standard deviations are about 0.03 and 0.027
+        assert abs(len(out.randomized) / 4000 - 0.5) < 0.032
+        assert abs(len(out.flipped) / 4000 - 0.25) < 0.028
+        assert set(out.flipped) <= set(out.randomized)
+        rows = {r["id"]: r for r in out.pairs.to_list()}
+        wrong = {i for i, r in rows.items() if r["chosen_score"] < r["rejected_score"]}
+        assert wrong == set(out.flipped)  # a swap moves texts, generators and scores together
+        r = rows[out.flipped[0]]
+        k = out.flipped[0][1:]
+        assert (r["chosen"], r["rejected"], r["chosen_generator"]) == (f"r{k}", f"c{k}", f"gr{k}")
+        assert out.report()["flipped"] == len(out.flipped) and out.report()["pairs"] == 4000
+
+    def test_flip_scheme_flips_about_p(self):
+        out = synthetic_gold.add_label_noise(self.gold_labelled(4000), 0.1, seed=3, scheme="flip")
+        assert out.randomized == out.flipped and abs(len(out.flipped) / 4000 - 0.1) < 0.019
+
+    def test_per_pair_draw_ignores_order_and_the_other_pairs(self):
+        ds = self.gold_labelled(300)
+        whole = set(synthetic_gold.add_label_noise(ds, 0.25, seed=7).flipped)
+        shuffled = ds.select(np.random.default_rng(0).permutation(300).tolist())
+        assert set(synthetic_gold.add_label_noise(shuffled, 0.25, seed=7).flipped) == whole
+        part = synthetic_gold.add_label_noise(ds.select(range(100, 160)), 0.25, seed=7)
+        assert set(part.flipped) == {i for i in whole if 100 <= int(i[1:]) < 160}
+        other = set(synthetic_gold.add_label_noise(ds, 0.25, seed=8).flipped)
+        assert other != whole
+        assert synthetic_gold.add_label_noise(ds, 0.0, seed=7).flipped == []
+
+    def test_relabel_then_noise(self):
+        ds = pool(6)
+        clean = synthetic_gold.relabel_pairs(ds, [2.0, 0.1, 0.7, 1.0, 4.0, -3.0], [1.0, 0.9, 0.5, 3.0, 0.0, -2.5])
+        noisy = synthetic_gold.relabel_pairs(ds, [2.0, 0.1, 0.7, 1.0, 4.0, -3.0], [1.0, 0.9, 0.5, 3.0, 0.0, -2.5],
+                                             label_noise=0.5, noise_seed=1)
+        assert clean.noise is None and noisy.noise.p == 0.5
+        assert noisy.n_flipped == clean.n_flipped == 3  # the gold's relabeling is counted apart from the noise
+        expected = set(synthetic_gold.add_label_noise(clean.pairs, 0.5, seed=1).flipped)
+        wrong = {r["id"] for r in noisy.pairs.to_list() if r["chosen_score"] < r["rejected_score"]}
+        assert wrong == expected == set(noisy.noise.flipped)
+        assert noisy.report()["noise_flipped"] == len(expected)
+
+    @pytest.mark.parametrize("kw,match", [(dict(p=0.6), "label noise p"), (dict(p=-0.1), "label noise p"),
+                                          (dict(p=0.2, scheme="x"), "noise scheme 'x'")])
+    def test_bad_noise(self, kw, match):
+        with pytest.raises(ValueError, match=match):
+            synthetic_gold.add_label_noise(self.gold_labelled(3), seed=0, **kw)
+
+    def test_repeated_ids_are_refused(self):
+        ds = to_dataset([pair_row(id="same", prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="b",
+                                  source="s")] * 2)
+        with pytest.raises(ValueError, match="'same' repeats"):
+            synthetic_gold.add_label_noise(ds, 0.25, seed=0)
+
+
 # -- configs and names ------------------------------------------------------------------------------
 COMMON = dict(backbone="smollm2-135m-instruct", mode="topk", top_k_layers=2, learning_rate=5e-5,
               per_device_train_batch_size=4, num_train_epochs=1.0, max_length=128, bf16=False)

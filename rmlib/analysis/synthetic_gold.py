@@ -10,7 +10,9 @@ Here, on one backbone so every reward model shares a frozen bottom (mode ``topk`
 - proxies: BT, BSR, GRM, BSR+GRM (``rmlib.reward.variants.VARIANTS``) x seeds, trained on a smaller, disjoint pool of
   existing pairs whose labels are REPLACED by the gold's (``relabel_pairs``: chosen = the reply
   the gold scores higher; ties counted and dropped), as the GRM paper relabels Unified-Feedback
-  pairs with its 7B gold (names ``bon_proxy_<variant>_s<seed>``);
+  pairs with its 7B gold (names ``bon_proxy_<variant>_s<seed>``); optionally with label noise
+  (``add_label_noise``: Coste et al. 2023's 25%, every other pair coin-flipped, drawn per pair
+  by a hash of (seed, pair id));
 - prompts: BoN evaluation prompts are disjoint from every reward model's training prompts, and
   the gold's prompts from the proxies' (``make_gold_split``, checked by ``check_disjoint``).
 
@@ -20,6 +22,7 @@ later notebooks (RLOO) reuse the same gold and proxies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -313,6 +316,7 @@ class Relabeled:
     n_in: int
     n_flipped: int          # the gold prefers the originally rejected reply (chosen/rejected swapped)
     dropped: dict[str, list[str]]  # reason -> pair ids: "tie" (|gold difference| <= tie_tol), "unscored" (NaN)
+    noise: NoisyLabels | None = None  # the label noise added after relabeling (``add_label_noise``), if any
 
     @property
     def n_ties(self) -> int:
@@ -329,18 +333,26 @@ class Relabeled:
         return (kept - self.n_flipped) / kept if kept else math.nan
 
     def report(self) -> dict:
-        return {"pairs_in": self.n_in, "kept": len(self.pairs), "flipped": self.n_flipped,
-                "dropped_ties": self.n_ties, "dropped_unscored": self.n_unscored,
-                "agreement_with_original_labels": self.agreement}
+        out = {"pairs_in": self.n_in, "kept": len(self.pairs), "flipped": self.n_flipped,
+               "dropped_ties": self.n_ties, "dropped_unscored": self.n_unscored,
+               "agreement_with_original_labels": self.agreement}
+        if self.noise is not None:
+            out.update({f"noise_{k}": v for k, v in self.noise.report().items()})
+        return out
 
 
-def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float = 0.0) -> Relabeled:
+def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float = 0.0, *,
+                  label_noise: float = 0.0, noise_seed: int = 0, noise_scheme: str = "coin_flip") -> Relabeled:
     """Relabel pairs with gold scores of their (original) chosen and rejected replies.
 
     The new chosen is the reply with the HIGHER gold score; ``chosen_score``/``rejected_score`` hold
     the gold scores (generators swapped along). A pair with |s_c - s_r| <= ``tie_tol`` is a tie and a
     pair with a NaN score (e.g. replies identical after truncation) cannot be labeled: both are
     dropped and counted by reason, never kept silently. Ids and all other fields are kept.
+
+    ``label_noise`` p > 0: then ``add_label_noise(pairs, p, noise_seed, noise_scheme)`` on the gold
+    labels (Coste et al. 2023: p = 0.25); a wrongly labelled pair keeps its gold scores swapped along,
+    so ``chosen_score < rejected_score`` marks it. ``Relabeled.noise`` says which pairs were touched.
     """
     c = np.asarray(chosen_scores, dtype=float)
     r = np.asarray(rejected_scores, dtype=float)
@@ -348,6 +360,7 @@ def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float
         raise ValueError(f"need one gold score per pair and side: {len(pairs)} pairs, got {c.shape} and {r.shape}")
     if not (isinstance(tie_tol, (int, float)) and tie_tol >= 0):
         raise ValueError(f"tie_tol must be a number >= 0, got {tie_tol!r}")
+    _check_noise(label_noise, noise_scheme)
     rows, dropped, flipped = [], {"tie": [], "unscored": []}, 0
     for row, sc, sr in zip(pairs.to_list(), c, r):
         if not (np.isfinite(sc) and np.isfinite(sr)):
@@ -363,8 +376,92 @@ def relabel_pairs(pairs: Dataset, chosen_scores, rejected_scores, tie_tol: float
             sc, sr = sr, sc
         rows.append(pair_row(**{**{k: row[k] for k in PAIR_COLUMNS}, "chosen_score": float(sc),
                                 "rejected_score": float(sr)}))
-    out = Relabeled(to_dataset(rows), len(pairs), flipped, {k: v for k, v in dropped.items() if v})
+    relabeled, noise = to_dataset(rows), None
+    if label_noise > 0:
+        noise = add_label_noise(relabeled, label_noise, noise_seed, noise_scheme)
+        relabeled = noise.pairs
+    out = Relabeled(relabeled, len(pairs), flipped, {k: v for k, v in dropped.items() if v}, noise)
     logger.info("relabeled %d pairs by the gold: %s", len(pairs), out.report())
+    return out
+
+
+# -- label noise (Coste et al. 2023) -----------------------------------------------------------------
+NOISE_SCHEMES = ("coin_flip", "flip")
+
+
+@dataclass
+class NoisyLabels:
+    """Pairs after ``add_label_noise`` and which ones it touched (ids)."""
+
+    pairs: Dataset
+    p: float                # the expected share of wrong labels
+    scheme: str
+    seed: int
+    randomized: list[str]   # pairs whose label was re-drawn (coin_flip) or chosen to flip (flip)
+    flipped: list[str]      # pairs whose chosen and rejected were swapped: now labelled wrongly
+
+    def report(self) -> dict:
+        n = len(self.pairs)
+        return {"p": self.p, "scheme": self.scheme, "seed": self.seed, "pairs": n,
+                "randomized": len(self.randomized), "flipped": len(self.flipped),
+                "flipped_share": len(self.flipped) / n if n else math.nan}
+
+
+def _check_noise(p, scheme: str) -> None:
+    if scheme not in NOISE_SCHEMES:
+        raise ValueError(f"noise scheme {scheme!r} is not one of {', '.join(NOISE_SCHEMES)}")
+    top = 0.5
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= top:
+        raise ValueError(f"label noise p must be a number in [0, {top}] (the expected share of wrong labels), got {p!r}")
+
+
+def pair_uniforms(seed: int, pair_id: str) -> tuple[float, float]:
+    """Two uniforms in [0, 1) fixed by (seed, pair id): BLAKE2b of both, split into two 64-bit words.
+    A pair's draw depends on nothing else (not its position, the batch, or the other pairs)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{pair_id}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
+
+
+def add_label_noise(pairs: Dataset, p: float, seed: int, scheme: str = "coin_flip") -> NoisyLabels:
+    """Make an expected share ``p`` of the pairs' labels wrong, deterministically per pair.
+
+    ``scheme="coin_flip"`` (default) is Coste et al. 2023's (github tlc4418/llm_optimization,
+    ``src/data_utils/oa_custom_datasets/rank_datasets.py``: ``preference if (not train or i % 2 == 0)
+    else random.randint(0, 1)``): every other TRAINING pair gets a fair-coin label, so at p = 0.25
+    half the pairs are re-drawn and a quarter end up wrong. Here a pair is re-drawn when its first
+    uniform (``pair_uniforms(seed, id)``) is below 2p (p = 0.25: half the pairs, as Coste's every
+    other one, but chosen by a hash of (seed, id) instead of the position, so the draw does not
+    depend on order, batching or the other pairs) and its coin (second uniform < 1/2) swaps chosen
+    and rejected. ``scheme="flip"``: each pair is swapped with probability p (first uniform < p).
+
+    Swapping moves the reply texts, generators and scores together, so a pair relabeled by a gold
+    (``relabel_pairs``) has ``chosen_score < rejected_score`` exactly when its label is now wrong.
+    Evaluation pairs stay clean (Coste: ``not train``): add noise only to training pairs. Pair ids
+    must be unique (they are the pair's identity). p in [0, 0.5].
+    """
+    _check_noise(p, scheme)
+    ids = list(pairs["id"])
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"pair ids must be unique to draw label noise per pair; {dup!r} repeats")
+    rows, randomized, flipped = [], [], []
+    for row in pairs.to_list():
+        u_pick, u_coin = pair_uniforms(seed, row["id"])
+        if scheme == "coin_flip":
+            picked = u_pick < 2 * p
+            swap = picked and u_coin < 0.5
+        else:
+            picked = swap = u_pick < p
+        if picked:
+            randomized.append(row["id"])
+        if swap:
+            flipped.append(row["id"])
+            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"],
+                   "chosen_generator": row["rejected_generator"], "rejected_generator": row["chosen_generator"],
+                   "chosen_score": row["rejected_score"], "rejected_score": row["chosen_score"]}
+        rows.append(pair_row(**{k: row[k] for k in PAIR_COLUMNS}))
+    out = NoisyLabels(to_dataset(rows), float(p), scheme, int(seed), randomized, flipped)
+    logger.info("label noise: %s", out.report())
     return out
 
 
