@@ -62,7 +62,19 @@ ORACLE = "oracle"  # the curve of best-of-n picked BY THE GOLD itself: the best 
 VARIANTS = rm_variants.VARIANTS
 
 
-VARIANT_LABELS = {**{name: v.label for name, v in VARIANTS.items()}, ORACLE: "oracle (gold picks)"}
+ENSEMBLE_PREFIX = "bon_ens_"
+
+
+ENSEMBLE_KINDS = ("mean", "min")  # Coste et al. 2023: mean and worst-case (WCO) of the members' scores
+
+
+ENSEMBLE_SEED = -1  # an ensemble is no single seed: its curves carry this seed
+
+
+VARIANT_LABELS = {**{name: v.label for name, v in VARIANTS.items()},
+                  **{f"{name}_{kind}": f"{v.label} ensemble ({kind})" for name, v in VARIANTS.items()
+                     for kind in ENSEMBLE_KINDS},
+                  ORACLE: "oracle (gold picks)"}
 
 
 # -- names and folders ---------------------------------------------------------------------------
@@ -72,8 +84,21 @@ def proxy_name(variant: str, seed: int) -> str:
     return rm_variants.run_name(variant, int(seed), PROXY_PREFIX)
 
 
+def ensemble_name(variant: str, kind: str) -> str:
+    """Score column of an ensemble of one variant's seeds: ``bon_ens_<kind>_<variant>``; its curves
+    carry the variant ``<variant>_<kind>`` (e.g. ``bt_mean``) and seed ``ENSEMBLE_SEED``."""
+    rm_variants.get_variants([variant])
+    if kind not in ENSEMBLE_KINDS:
+        raise ValueError(f"ensemble kind {kind!r} is not one of {', '.join(ENSEMBLE_KINDS)}")
+    return f"{ENSEMBLE_PREFIX}{kind}_{variant}"
+
+
 def parse_proxy_name(name: str) -> tuple[str, int]:
-    """(variant, seed) of a proxy run name; ValueError for anything else."""
+    """(variant, seed) of a proxy run name, or (``<variant>_<kind>``, ``ENSEMBLE_SEED``) of an
+    ``ensemble_name``; ValueError for anything else."""
+    m = re.fullmatch(rf"{ENSEMBLE_PREFIX}(?P<kind>{'|'.join(ENSEMBLE_KINDS)})_(?P<variant>.+)", name)
+    if m and m["variant"] in VARIANTS:
+        return f"{m['variant']}_{m['kind']}", ENSEMBLE_SEED
     m = re.fullmatch(rf"{PROXY_PREFIX}(?P<variant>.+)_s(?P<seed>\d+)", name)
     if not m or m["variant"] not in VARIANTS:
         raise ValueError(f"{name!r} is not a proxy run name ({PROXY_PREFIX}<variant>_s<seed>, variant in "
