@@ -94,6 +94,121 @@ def test_direction_must_be_named():
         claims.z_verdict(3.0, 1.0, want="up")
 
 
+# -- the over-optimization regime (issue 19) -----------------------------------------------------
+def _fit(**kw):
+    row = {"gold_drop": 0.0, "gold_drop_sem": 0.1, "n_peak": 128, "beta": -0.1, "beta_low": -0.2,
+           "kl_star": math.inf, "kl_max": 3.86}
+    return pd.Series({**row, **kw})
+
+
+def test_bon_regime_by_the_drop_from_the_peak():
+    assert claims.BON_DROP_SEMS == 2.0
+    yes = claims.bon_overoptimizes(_fit(gold_drop=0.201, gold_drop_sem=0.1, n_peak=16))
+    assert yes.reached and yes.test == "drop from the peak" and "n = 16" in yes.numbers
+    assert not claims.bon_overoptimizes(_fit(gold_drop=0.199, gold_drop_sem=0.1, n_peak=16)).reached  # 1.99 SEM
+    assert claims.bon_overoptimizes(_fit(gold_drop=0.05, gold_drop_sem=0.0, n_peak=16)).reached  # no spread
+    assert not claims.bon_overoptimizes(_fit(gold_drop=0.0, gold_drop_sem=0.0)).reached  # peak at the largest n
+    assert yes.line().startswith("BT over-optimizes here: yes (drop from the peak: gold at the largest n 0.201")
+
+
+def test_bon_regime_by_the_gao_fit():
+    inside = dict(beta=0.3, beta_low=0.01, kl_star=2.0, kl_max=3.86)
+    yes = claims.bon_overoptimizes(_fit(**inside))
+    assert yes.reached and yes.test == "Gao fit"
+    assert not claims.bon_overoptimizes(_fit(**{**inside, "beta_low": -0.01})).reached  # interval reaches 0
+    assert not claims.bon_overoptimizes(_fit(**{**inside, "kl_star": 4.0})).reached  # peak beyond the range
+    assert not claims.bon_overoptimizes(_fit(**{**inside, "kl_star": 0.0})).reached  # falls from the start: no peak
+    both = claims.bon_overoptimizes(_fit(**inside, gold_drop=1.0, gold_drop_sem=0.1))
+    assert both.reached and both.test == "drop from the peak and Gao fit"
+    none = claims.bon_overoptimizes(pd.Series({"gold_drop": math.nan, "beta": math.nan}))
+    assert none.reached is None and none.line().startswith("BT over-optimizes here: not measured")
+    assert claims.bon_overoptimizes({"gold_drop": 1.0, "gold_drop_sem": 0.1}).reached  # a dict works too
+
+
+def test_bon_regime_on_a_real_fit_table():
+    from test_gao_fit import NS, hacked_scores
+
+    from rmlib.analysis import gao_fit
+
+    table = gao_fit.fit_table(hacked_scores(), ["bon_proxy_bt_s0", "bon_proxy_bsr_s0"], ns=NS, n_boot=200)
+    rows = table.set_index("variant")
+    assert claims.bon_overoptimizes(rows.loc["bt"]).reached is True
+    assert claims.bon_overoptimizes(rows.loc["bsr"]).reached is False
+
+
+def _rl(gold_tail, proxy_tail, head=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5)):
+    steps = list(range(0, 10 * (len(head) + len(gold_tail)), 10))
+    return steps, [*head, *gold_tail], [*head, *proxy_tail]
+
+
+def test_rl_regime_needs_gold_falling_and_proxy_rising_over_the_last_third():
+    steps, gold, proxy = _rl([0.5, 0.4, 0.3], [0.6, 0.7, 0.8])  # 9 records: the last 3 count
+    yes = claims.rl_overoptimizes(steps, gold, proxy)
+    assert yes.reached and "steps 60-80 (3 records)" in yes.numbers  # a perfect line: zero SE
+    noisy_gold = [0.5, 0.3, 0.45, 0.2]  # falls, but not beyond 1.96 SE of its own scatter
+    steps, gold, proxy = _rl(noisy_gold, [0.6, 0.7, 0.8, 0.9], head=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6))
+    fit = scipy.stats.linregress(steps[-4:], gold[-4:])
+    assert fit.slope < 0 and abs(fit.slope) <= 1.96 * fit.stderr
+    assert claims.rl_overoptimizes(steps, gold, proxy).reached is False
+    steps, gold, proxy = _rl([0.5, 0.4, 0.3], [0.5, 0.4, 0.3])  # gold falls with the proxy: no over-optimization
+    no = claims.rl_overoptimizes(steps, gold, proxy)
+    assert no.reached is False and "proxy does not rise" in no.test
+    # the head of the run does not count: gold rises then falls only in the last third
+    steps = list(range(12))
+    gold = [0, 1, 2, 3, 4, 5, 6, 7, 7.5, 7.0, 6.5, 6.0]
+    assert claims.rl_overoptimizes(steps, gold, [float(s) for s in steps]).reached
+    assert claims.rl_overoptimizes([0, 1], [0, 1], [0, 1]).reached is None
+    with pytest.raises(ValueError, match="one length"):
+        claims.rl_overoptimizes([0, 1, 2], [0, 1], [0, 1, 2])
+
+
+def test_overtraining_needs_saturation_and_a_held_out_fall_beyond_noise():
+    n = 400
+    se = math.sqrt(0.70 * 0.30 / n)  # binomial SE at the best epoch: 0.0229, bar 0.0449
+    held = [0.66, 0.70, 0.68, 0.70 - 1.96 * se - 0.001]
+    yes = claims.overtraining_reached([0.80, 0.90, 0.96, 0.97], held, n)
+    assert yes.reached and "held-out accuracy worsened" in yes.test
+    assert not claims.overtraining_reached([0.80, 0.90, 0.96, 0.97], [0.66, 0.70, 0.68, 0.70 - 1.96 * se + 0.001],
+                                           n).reached
+    flat = claims.overtraining_reached([0.80, 0.85, 0.90, 0.905], held, n)  # a 0.5-point last epoch: saturated
+    assert flat.reached
+    climbing = claims.overtraining_reached([0.60, 0.70, 0.80, 0.90], held, n)
+    assert climbing.reached is False and climbing.test == "training not saturated"
+    loss = claims.overtraining_reached([0.9, 0.97], [0.70, 0.70], n, heldout_loss=[0.60, 0.70],
+                                       heldout_loss_sem=[0.04, 0.05])
+    assert loss.reached and "loss worsened" in loss.test  # rise 0.10 > 1.96 x 0.04
+    assert not claims.overtraining_reached([0.9, 0.97], [0.70, 0.70], n, heldout_loss=[0.60, 0.67],
+                                           heldout_loss_sem=[0.04, 0.05]).reached
+    assert claims.overtraining_reached([], [], n).reached is None
+    with pytest.raises(ValueError, match="n_heldout"):
+        claims.overtraining_reached([0.9], [0.7], 0)
+
+
+def test_spreading_needs_net_growth_beyond_5_percent_without_a_fall():
+    assert claims.spreads_hidden_states({"pair_dist_mean": [1.0, 1.2, 1.5]}).reached
+    assert not claims.spreads_hidden_states({"pair_dist_mean": [1.0, 1.03, 1.049]}).reached  # within 5%
+    dip = claims.spreads_hidden_states({"pair_dist_mean": [1.0, 1.5, 1.2, 1.6]})  # -20% at epoch 3
+    assert not dip.reached and "falls at epoch(s) [3]" in dip.numbers
+    cv = claims.spreads_hidden_states({"pair_dist_mean": [1.0, 0.9], "h_norm_cv": [0.10, 0.12]})
+    assert cv.reached and cv.test.startswith("h_norm_cv")
+    assert claims.spreads_hidden_states({"pair_dist_mean": [1.0]}).reached is None
+
+
+def test_mitigation_is_tested_only_where_bt_over_optimizes():
+    yes, no = claims.Regime(True, "t", "x"), claims.Regime(False, "t", "x")
+    assert claims.mitigation_verdict(yes, claims.z_verdict(0.3, 0.1)) == REPRODUCED
+    assert claims.mitigation_verdict(no, claims.z_verdict(0.3, 0.1)) == claims.BT_NO_OVEROPT
+    assert claims.BT_NO_OVEROPT == "BT does not over-optimize here"
+    assert claims.mitigation_verdict(claims.Regime(None, "t", "x"), REPRODUCED) == NOT_RUN
+
+
+def test_a_scenario_claim_carries_its_mdd():
+    c = claims.mdd_claim(0.02, 0.03, mdd=0.05, paper_effect=0.0152)
+    assert c["verdict"] == NOT_AT_SCALE and c["mdd"] == 0.05 and c["detectable"] is False
+    assert claims.mdd_claim(0.06, 0.03, mdd=0.01, paper_effect=0.0152)["detectable"] is True
+    assert claims.mdd_claim(0.06, 0.03, mdd=math.nan, paper_effect=0.0152)["detectable"] is None
+
+
 # -- the modules that state verdicts -------------------------------------------------------------
 def _bon_row(variant, d, sem):
     return {"policy": "pol", "variant": variant, "n_seeds": 2, "n_final": 16, "kl_final": 1.8, "proxy_norm_final": 0.7,
