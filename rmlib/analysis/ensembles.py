@@ -21,7 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from rmlib.analysis.synthetic_gold import ENSEMBLE_KINDS, ENSEMBLE_SEED, ensemble_name, parse_proxy_name
+from rmlib.analysis.synthetic_gold import (
+    ENSEMBLE_KINDS,
+    ENSEMBLE_SEED,
+    ensemble_name,
+    parse_proxy_name,
+)
 
 
 def ensemble_scores(scores: pd.DataFrame, members: Sequence[str], kind: str, standardize: bool = False) -> pd.Series:
