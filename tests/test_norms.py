@@ -20,22 +20,26 @@ from rmlib.analysis.dispersion import (
     RECORDS_FILE,
     HiddenStates,
     NormProbeCallback,
+    bt_losses,
     check_decomposition,
     dispersion_findings,
     dispersion_statistics,
     dispersion_summary,
     distance_frame,
     effective_rank,
+    epoch_table,
     erank_shift_table,
     extract_hidden,
     head_cosines,
     hidden_norm_frame,
     norm_stats,
+    overtraining_from_records,
     pair_distance_stats,
     read_records,
     records_frame,
     reward_decomposition,
     skewness,
+    spreading_from_records,
     write_records,
 )
 from rmlib.model.encoding import encode_pairs
@@ -331,6 +335,96 @@ class TestNormProbeCallback:
         cb = NormProbeCallback(probe, every_steps=1)
         for wrapper in (torch.nn.DataParallel(tiny_model), torch.compile(tiny_model)):
             assert cb.measure(wrapper)["w_norm"] == pytest.approx(tiny_model.head_weight_norm())
+
+
+def test_bt_loss_per_pair_and_in_the_statistics():
+    rc, rr = np.array([2.0, -1.0, 0.0, 30.0]), np.array([0.0, 1.0, 0.0, -30.0])
+    want = -torch.nn.functional.logsigmoid(torch.tensor(rc - rr)).numpy()
+    assert_allclose(bt_losses(rc, rr), want, rtol=1e-12)
+    h = HiddenStates(chosen=np.eye(4), rejected=np.eye(4)[::-1].copy(), reward_chosen=rc, reward_rejected=rr)
+    row = dispersion_statistics(h)
+    assert row["loss"] == pytest.approx(want.mean())
+    assert row["loss_sem"] == pytest.approx(want.std(ddof=1) / 2)
+
+
+@pytest.fixture(scope="module")
+def eval_probes(tokenizer):
+    return {name: encode_pairs(make_pairs(n, offset=offset), tokenizer, max_length=64)[0]
+            for name, n, offset in (("heldout", 5, 200), ("ood", 4, 300))}
+
+
+@pytest.fixture(scope="module")
+def with_eval(tiny_backbone, tokenizer, probe, eval_probes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("norms_eval")
+    callback = NormProbeCallback(probe, every_steps=2, batch_size=8, eval_probes=eval_probes, erank_rows=8)
+    config = RMConfig(backbone=tiny_backbone, output_dir=str(out), max_steps=6, save_steps=3, logging_steps=1,
+                      per_device_train_batch_size=2, learning_rate=1e-3, bf16=False, max_length=64, disable_tqdm=True,
+                      lr_scheduler_type="constant_with_warmup")
+    train_reward_model(config, make_pairs(TRAIN_PAIRS), tokenizer=tokenizer, callbacks=[callback])
+    return out, callback
+
+
+class TestPerEpochTracking:
+    def test_eval_sets_are_measured_at_start_epoch_ends_and_the_final_record(self, with_eval):
+        out, cb = with_eval
+        assert [r["step"] for r in cb.records] == [0, 2, 4, 5, 6]
+        has = [("heldout_accuracy" in r, "ood_h_norm_cv" in r) for r in cb.records]
+        assert has == [(True, True), (False, False), (False, False), (True, True), (True, True)]
+        saved = read_records(out / RECORDS_FILE)
+        assert "ood_pair_dist_mean" in saved[-1] and saved[-1]["heldout_n_pairs"] == 5
+        for key in ("accuracy", "loss", "h_norm_mean", "h_norm_std", "h_norm_cv", "pair_dist_mean", "reward_mean",
+                    "reward_std", "erank"):
+            assert all(math.isfinite(cb.records[i][f"heldout_{key}"]) for i in (0, 3, 4)), key
+        assert "heldout_w_norm" not in cb.records[0] and cb.records[0]["erank_rows"] == 8
+        assert cb.records[0]["ood_erank_rows"] == 8
+
+    def test_step_zero_eval_statistics_are_the_untrained_model(self, with_eval, tiny_model, eval_probes):
+        _, cb = with_eval
+        for name, encoded in eval_probes.items():
+            hs = extract_hidden(tiny_model, encoded, bf16=False, progress=False)
+            expected = dispersion_statistics(hs, None, erank_rows=8)
+            got = {k: cb.records[0][f"{name}_{k}"] for k in expected if k != "w_norm"}
+            assert got == pytest.approx({k: v for k, v in expected.items() if k != "w_norm"}, rel=1e-5, abs=1e-6)
+
+    def test_epoch_table_keeps_step_zero_and_epoch_ends(self, with_eval):
+        _, cb = with_eval
+        table = epoch_table(cb.records)
+        assert table["step"].tolist() == [0, 5] and "pair_distances" not in table.columns
+        assert {"accuracy", "heldout_accuracy", "ood_h_norm_cv", "w_norm", "loss", "heldout_loss"} <= set(table.columns)
+
+    def test_bad_eval_probes(self, probe, eval_probes):
+        with pytest.raises(ValueError, match="heldout must be an encoded pair dataset"):
+            NormProbeCallback(probe, eval_probes={"heldout": make_pairs(3)})
+        with pytest.raises(ValueError, match="lowercase letters"):
+            NormProbeCallback(probe, eval_probes={"Held-out": eval_probes["heldout"]})
+        with pytest.raises(ValueError, match="erank_rows=11 exceeds the 10 hidden states of heldout"):
+            NormProbeCallback(probe, eval_probes=eval_probes, erank_rows=11)
+
+
+def _epoch_records(train_acc, held_acc, held_loss, pair_dist, n=400):
+    recs = [{"step": 0, "epoch": 0.0, "epoch_end": False, "accuracy": 0.5, "heldout_accuracy": 0.5,
+             "heldout_loss": 0.69, "heldout_loss_sem": 0.01, "heldout_n_pairs": n, "pair_dist_mean": 1.0,
+             "h_norm_cv": 0.1}]
+    for e, (ta, ha, hl, d) in enumerate(zip(train_acc, held_acc, held_loss, pair_dist), start=1):
+        recs.append({"step": 10 * e - 5, "epoch": e - 0.5, "epoch_end": False, "accuracy": 0.0,
+                     "pair_dist_mean": 99.0, "h_norm_cv": 0.1})  # mid-epoch records never count
+        recs.append({"step": 10 * e, "epoch": float(e), "epoch_end": True, "accuracy": ta, "heldout_accuracy": ha,
+                     "heldout_loss": hl, "heldout_loss_sem": 0.02, "heldout_n_pairs": n, "pair_dist_mean": d,
+                     "h_norm_cv": 0.1})
+    return recs
+
+
+def test_regimes_from_records_use_the_epoch_ends():
+    over = _epoch_records([0.8, 0.93, 0.97], [0.70, 0.66, 0.62], [0.60, 0.65, 0.75], [1.0, 1.3, 1.6])
+    regime = overtraining_from_records(over)
+    assert regime == claims.overtraining_reached([0.8, 0.93, 0.97], [0.70, 0.66, 0.62], 400,
+                                                 heldout_loss=[0.60, 0.65, 0.75], heldout_loss_sem=[0.02] * 3)
+    assert regime.reached and "accuracy and loss" in regime.test
+    under = _epoch_records([0.6, 0.7, 0.8], [0.60, 0.65, 0.70], [0.68, 0.66, 0.64], [1.0, 1.02, 1.03])
+    assert overtraining_from_records(under).reached is False
+    assert spreading_from_records(over).reached and spreading_from_records(under).reached is False
+    with pytest.raises(ValueError, match="lack 'ood' statistics"):
+        overtraining_from_records(over, heldout="ood")
 
 
 class TestComparingModels:

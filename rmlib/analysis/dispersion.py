@@ -14,12 +14,15 @@ Pieces:
 - pure numpy statistics: ``norm_stats``, ``pair_distance_stats``, ``head_cosines``,
   ``reward_decomposition``, ``effective_rank``; ``check_decomposition`` checks the identity;
 - ``dispersion_summary``: one flat row of all statistics for a (model, split, step);
-- ``NormProbeCallback``: the same statistics on a fixed probe set during training, resumable;
+- ``NormProbeCallback``: the same statistics on a fixed probe set during training, resumable, and
+  on held-out / OOD sets at every epoch end; ``epoch_table``, ``overtraining_from_records`` and
+  ``spreading_from_records`` turn its records into the per-epoch table and the regime verdicts
+  (``rmlib.analysis.claims``);
 - ``records_frame`` / ``distance_frame``: records -> DataFrames shaped for seaborn.
 
 Statistic names are shared by summaries and callback records: ``w_norm``, ``h_norm_<s>``
 (||h|| over chosen and rejected replies together), ``pair_dist_<s>`` (||h_c - h_r||),
-``erank``, ``reward_mean``, ``reward_std``, ``accuracy``; <s> in mean, std, cv, q05 ... q95
+``erank``, ``reward_mean``, ``reward_std``, ``accuracy``, ``loss`` (BT), ``loss_sem``; <s> in mean, std, cv, q05 ... q95
 (+ ``skew`` for distances).
 """
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,6 +251,8 @@ def dispersion_statistics(hidden: HiddenStates, model=None, erank_rows: int | No
 
     ``w_norm`` = ||W_p|| (MLP head: its last layer, via ``head_weight_norm``); nan without a model.
     ``h_norm_*`` and ``erank`` use the 2N x H matrix of chosen and rejected replies together.
+    ``loss`` / ``loss_sem``: mean Bradley-Terry loss -log sigmoid(r_c - r_r) over the pairs and its
+    standard error (sd / sqrt(N)): over-training shows as a held-out loss that rises (Zhu et al.).
     ``erank_rows``: compute the effective rank on that many rows (a fixed random subset, seed 0),
     so sets of different sizes compare (the effective rank grows with the number of rows: a
     128-row and a 400-row sample of the same distribution differ); ValueError if the set is smaller.
@@ -264,7 +271,16 @@ def dispersion_statistics(hidden: HiddenStates, model=None, erank_rows: int | No
     rewards = hidden.rewards.astype(np.float64)
     row["reward_mean"], row["reward_std"] = float(rewards.mean()), float(rewards.std())
     row["accuracy"] = float(np.mean(hidden.reward_chosen > hidden.reward_rejected))
+    losses = bt_losses(hidden.reward_chosen, hidden.reward_rejected)
+    row["loss"] = float(losses.mean())
+    row["loss_sem"] = float(losses.std(ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else math.nan
     return row
+
+
+def bt_losses(reward_chosen, reward_rejected) -> np.ndarray:
+    """Per-pair Bradley-Terry loss -log sigmoid(r_c - r_r) = log(1 + exp(-(r_c - r_r))), float64 (N,)."""
+    margin = np.asarray(reward_chosen, dtype=np.float64) - np.asarray(reward_rejected, dtype=np.float64)
+    return np.logaddexp(0.0, -margin)
 
 
 def dispersion_summary(hidden: HiddenStates, model=None, split: str = "", *, name: str = "",
@@ -337,37 +353,71 @@ class NormProbeCallback(RecordsCallback):
     label = "norm records"
 
     def __init__(self, probe, every_steps: int = 50, batch_size: int = 8, bf16: bool | None = None,
-                 filename: str = RECORDS_FILE):
-        """``probe``: an encoded pair set (``encode_pairs`` output), a few dozen pairs.
+                 filename: str = RECORDS_FILE, eval_probes: Mapping[str, object] | None = None,
+                 erank_rows: int | None = None):
+        """``probe``: an encoded pair set (``encode_pairs`` output), a few dozen pairs, drawn from the
+        TRAINING pairs (its ``accuracy`` / ``loss`` are the training ones).
+        ``eval_probes``: ``{name: encoded pair set}`` (e.g. ``heldout`` in-domain pairs, ``ood``
+        pairs) measured at step 0, at every epoch end and at the final record (not at the
+        ``every_steps`` records: they cost a forward over each set); their statistics are stored
+        as ``<name>_<statistic>`` (``heldout_accuracy``, ``ood_h_norm_cv``, ...; no ``w_norm``,
+        which is the probe's). ``erank_rows``: effective rank on that many rows of every set, so
+        sets of different sizes compare (``dispersion_statistics``).
         ``bf16``: autocast for the probe forward; None follows ``args.bf16``."""
         if every_steps < 1:
             raise ValueError(f"every_steps={every_steps} must be >= 1")
-        missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(getattr(probe, "column_names", []))
-        if missing:
-            raise ValueError(f"probe must be an encoded pair dataset (rmlib.model.encoding.encode_pairs); "
-                             f"lacks {sorted(missing)}")
-        if len(probe) < 2:
-            raise ValueError(f"probe has {len(probe)} pairs; needs >= 2 for spread statistics")
+        eval_probes = dict(eval_probes or {})
+        for name, encoded in {"probe": probe, **eval_probes}.items():
+            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(getattr(encoded, "column_names", []))
+            if missing:
+                raise ValueError(f"{name} must be an encoded pair dataset (rmlib.model.encoding.encode_pairs); "
+                                 f"lacks {sorted(missing)}")
+            if len(encoded) < 2:
+                raise ValueError(f"{name} has {len(encoded)} pairs; needs >= 2 for spread statistics")
+            if erank_rows is not None and 2 * len(encoded) < erank_rows:
+                raise ValueError(f"erank_rows={erank_rows} exceeds the {2 * len(encoded)} hidden states of {name}")
+        bad = [n for n in eval_probes if not re.fullmatch(r"[a-z][a-z0-9]*", str(n))]
+        if bad:
+            raise ValueError(f"eval probe names must be lowercase letters and digits (they prefix statistics), got {bad}")
         super().__init__()
         self.probe = probe
+        self.eval_probes = eval_probes
+        self.erank_rows = erank_rows
         self.every_steps = every_steps
         self.batch_size = batch_size
         self.bf16 = bf16
         self.filename = filename
 
     # -- computing --------------------------------------------------------------------------
-    def measure(self, model, bf16: bool = False) -> dict:
-        """Statistics of the probe under ``model`` (no record kept)."""
+    def measure(self, model, bf16: bool = False, with_eval: bool = False) -> dict:
+        """Statistics of the probe under ``model`` (no record kept); ``with_eval``: also the eval probes'."""
         model = _unwrap(model)
         hidden = extract_hidden(model, self.probe, batch_size=self.batch_size, bf16=bf16, progress=False)
-        stats = dispersion_statistics(hidden, model)
+        stats = dispersion_statistics(hidden, model, self.erank_rows)
         stats["pair_distances"] = pair_distances(hidden.chosen, hidden.rejected).tolist()
+        if with_eval:
+            stats.update(self.measure_eval(model, bf16))
         return stats
 
-    def _record(self, args, state, model, epoch_end: bool = False) -> None:
+    def measure_eval(self, model, bf16: bool = False) -> dict:
+        """``<name>_<statistic>`` of every eval probe under ``model``."""
+        model = _unwrap(model)
+        out = {}
+        for name, encoded in self.eval_probes.items():
+            hidden = extract_hidden(model, encoded, batch_size=self.batch_size, bf16=bf16, progress=False)
+            stats = dispersion_statistics(hidden, None, self.erank_rows)
+            stats.pop("w_norm")
+            out.update({f"{name}_{k}": v for k, v in stats.items()})
+        return out
+
+    def _has_eval(self, record: dict) -> bool:
+        return all(f"{name}_accuracy" in record for name in self.eval_probes)
+
+    def _record(self, args, state, model, epoch_end: bool = False, final: bool = False) -> None:
         bf16 = args.bf16 if self.bf16 is None else self.bf16
         record = {"step": int(state.global_step), "epoch": float(state.epoch or 0.0), "epoch_end": epoch_end}
-        record.update(self.measure(model, bf16=bf16))
+        with_eval = bool(self.eval_probes) and (state.global_step == 0 or epoch_end or final)
+        record.update(self.measure(model, bf16=bf16, with_eval=with_eval))
         self.records.append(record)
         self._write(args, state, self._path(args))
 
@@ -383,12 +433,61 @@ class NormProbeCallback(RecordsCallback):
         # also fired when training stops mid-epoch (max_steps): then a final record, which a
         # later resume from a checkpoint at that step drops, as an uninterrupted run lacks it
         if self._has(state.global_step):
-            last = self.records[-1]
+            last, changed = self.records[-1], False
             if _whole_epoch(state) and not last["epoch_end"]:
-                last["epoch_end"] = True
+                last["epoch_end"] = changed = True
+            if not self._has_eval(last):  # the final record of a run stopped on the every_steps grid
+                bf16 = args.bf16 if self.bf16 is None else self.bf16
+                last.update(self.measure_eval(model, bf16))
+                changed = True
+            if changed:
                 self._write(args, state, self._path(args))
         else:
-            self._record(args, state, model, epoch_end=_whole_epoch(state))
+            self._record(args, state, model, epoch_end=_whole_epoch(state), final=True)
+
+
+# -- per epoch: the over-training regime (issue 19) -------------------------------------------------
+EPOCH_COLUMNS = ("accuracy", "loss", "h_norm_mean", "h_norm_std", "h_norm_cv", "pair_dist_mean", "pair_dist_std",
+                 "reward_mean", "reward_std", "w_norm", "erank")
+
+
+def epoch_table(records: list[dict]) -> pd.DataFrame:
+    """One row per epoch end (and the step-0 record, epoch 0) of ``NormProbeCallback`` records,
+    wide: step, epoch, and every statistic (the probe's, ``accuracy`` = training accuracy, and the
+    eval probes' ``<name>_<statistic>``); pair distance lists left out."""
+    rows = [r for r in records if r.get("epoch_end") or r.get("step") == 0]
+    frame = records_frame(rows, wide=True)
+    if frame.empty:
+        return frame
+    return frame.sort_values("step").reset_index(drop=True)
+
+
+def _epoch_ends(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("epoch_end")]
+
+
+def overtraining_from_records(records: list[dict], heldout: str = "heldout") -> claims.Regime:
+    """``claims.overtraining_reached`` on the epoch-end records: training accuracy (the probe's),
+    held-out accuracy, loss and loss SEM of the eval probe ``heldout``, its pair count as n."""
+    ends = _epoch_ends(records)
+    missing = [r["step"] for r in ends if f"{heldout}_accuracy" not in r]
+    if missing:
+        raise ValueError(f"epoch-end records at steps {missing} lack {heldout!r} statistics: pass "
+                         f"eval_probes={{{heldout!r}: ...}} to NormProbeCallback")
+    if not ends:
+        return claims.overtraining_reached([], [], 1)
+    return claims.overtraining_reached([r["accuracy"] for r in ends], [r[f"{heldout}_accuracy"] for r in ends],
+                                       int(ends[0][f"{heldout}_n_pairs"]),
+                                       heldout_loss=[r[f"{heldout}_loss"] for r in ends],
+                                       heldout_loss_sem=[r[f"{heldout}_loss_sem"] for r in ends])
+
+
+def spreading_from_records(records: list[dict], prefix: str = "") -> claims.Regime:
+    """``claims.spreads_hidden_states`` on the epoch-end records: mean ||h_c - h_r|| and the CV of
+    ||h|| of the probe (``prefix=""``) or of an eval probe (``prefix="heldout_"``)."""
+    ends = _epoch_ends(records)
+    return claims.spreads_hidden_states({m: [r[f"{prefix}{m}"] for r in ends if f"{prefix}{m}" in r]
+                                         for m in claims.GROWTH_METRICS})
 
 
 # -- comparing reward models -------------------------------------------------------------------
