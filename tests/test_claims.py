@@ -162,6 +162,19 @@ def test_rl_regime_needs_gold_falling_and_proxy_rising_over_the_last_third():
         claims.rl_overoptimizes([0, 1, 2], [0, 1], [0, 1, 2])
 
 
+def test_rl_regime_per_run_of_the_curves():
+    steps = list(range(0, 90, 10))
+    rows = [{"run": "bt", "step": st, "gold_delta": g, "proxy_delta": 0.1 * i}
+            for i, (st, g) in enumerate(zip(steps, [0, .1, .2, .3, .4, .5, .5, .4, .3]))]
+    rows += [{"run": "bsr", "step": st, "gold_delta": 0.05 * i, "proxy_delta": 0.1 * i} for i, st in enumerate(steps)]
+    regimes = rloo_curves.overoptimization_by_run(pd.DataFrame(rows).sample(frac=1.0, random_state=0))
+    assert regimes["bt"].reached is True and regimes["bsr"].reached is False
+    assert regimes["bt"] == claims.rl_overoptimizes(steps, [0, .1, .2, .3, .4, .5, .5, .4, .3],
+                                                    [0.1 * i for i in range(9)])
+    with pytest.raises(ValueError, match="lacks columns"):
+        rloo_curves.overoptimization_by_run(pd.DataFrame(rows).drop(columns="proxy_delta"))
+
+
 def test_overtraining_needs_saturation_and_a_held_out_fall_beyond_noise():
     n = 400
     se = math.sqrt(0.70 * 0.30 / n)  # binomial SE at the best epoch: 0.0229, bar 0.0449

@@ -359,7 +359,7 @@ def mdd_claim(difference: float, noise: float, mdd: float, paper_effect: float |
               want: str = "higher") -> dict:
     """A claim about OOD accuracy or tau (notebook 03) with its power: rule 2's verdict
     (``noise_verdict``), the minimum detectable difference ``mdd`` (``rmlib.analysis.power``), the
-    paper's effect, and ``detectable`` = paper_effect > mdd (None where either is unknown)."""
+    paper's effect, and ``detectable`` = |paper_effect| > mdd (None where either is unknown)."""
     detectable = None if _missing(mdd) or _missing(paper_effect) else bool(abs(float(paper_effect)) > float(mdd))
     return {"verdict": noise_verdict(difference, noise, want), "difference": difference, "noise": noise,
             "mdd": mdd, "paper_effect": paper_effect, "detectable": detectable}

@@ -122,7 +122,7 @@ def mdd_table(agg: pd.DataFrame, baseline: str = "bt", by: str = "variant", colu
     seed_std, n_seeds per variant and column), per (variant, column) against ``baseline``: the
     difference, its SE (each side ``seed_mean_se(interval_se(ci), seed_std, n_seeds)``), the MDD,
     the paper's effect (``PAPER_EFFECTS``; NaN where the paper has none) and whether that effect is
-    detectable here (paper_effect > mdd; None where either is unknown)."""
+    detectable here (|paper_effect| > mdd; None where either is unknown)."""
     need = {by, column, value, "ci_low", "ci_high", "seed_std", "n_seeds"}
     missing = sorted(need - set(agg.columns))
     if missing:
@@ -144,7 +144,7 @@ def mdd_table(agg: pd.DataFrame, baseline: str = "bt", by: str = "variant", colu
         m = mdd(se)
         rows.append({by: r[by], column: r[column], "difference": float(r[value] - b[value]), "se": se, "mdd": m,
                      "paper_effect": effect, "paper_source": source,
-                     "detectable": bool(effect > m) if _finite(effect, m) else None})
+                     "detectable": bool(abs(effect) > m) if _finite(effect, m) else None})
     return pd.DataFrame(rows, columns=[by, column, "difference", "se", "mdd", "paper_effect", "paper_source",
                                        "detectable"])
 
@@ -156,6 +156,6 @@ def power_statement(mdd_value: float, paper_effect: float | None = None) -> str:
     head = f"smallest detectable difference {mdd_value:.3f} (95% two-sided, 80% power)"
     if not _finite(paper_effect):
         return head
-    if paper_effect > mdd_value:
+    if abs(paper_effect) > mdd_value:
         return f"{head}; the paper's effect {paper_effect:+.3f} is larger: this design can detect it"
     return f"{head}; the paper's effect {paper_effect:+.3f} is smaller: this design cannot detect it"

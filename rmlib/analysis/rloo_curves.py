@@ -1,5 +1,6 @@
 """RLOO curves summarized: per run, the last tracked step against step 0 (gold and proxy change
-with standard errors, KL, length change), and the sentences the notebook prints from it.
+with standard errors, KL, length change), the sentences the notebook prints from it, and whether
+the run over-optimizes (``overoptimization_by_run``: ``claims.rl_overoptimizes``).
 """
 
 from __future__ import annotations
@@ -65,3 +66,15 @@ def describe_runs(table: pd.DataFrame) -> str:
             f"mean length {r.length_tokens_start:.1f} -> {r.length_tokens_end:.1f} tokens ({r.length_change:+.0%})."
         )
     return "\n".join(lines)
+
+
+def overoptimization_by_run(curves: pd.DataFrame) -> dict[str, claims.Regime]:
+    """Per run of ``curves`` (columns run, step, gold_delta, proxy_delta): ``claims.rl_overoptimizes``
+    on its tracked records, gold and proxy change against the step. ``Regime.line()`` is the
+    "BT over-optimizes here" line of the run."""
+    missing = sorted({"run", "step", "gold_delta", "proxy_delta"} - set(curves.columns))
+    if missing:
+        raise ValueError(f"curves lacks columns {missing}")
+    return {run: claims.rl_overoptimizes(g["step"].to_numpy(float), g["gold_delta"].to_numpy(float),
+                                         g["proxy_delta"].to_numpy(float))
+            for run, g in curves.groupby("run", sort=False)}

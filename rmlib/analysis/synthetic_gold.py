@@ -451,9 +451,11 @@ def add_label_noise(pairs: Dataset, p: float, seed: int, scheme: str = "coin_fli
     """Make an expected share ``p`` of the pairs' labels wrong, deterministically per pair.
 
     ``scheme="coin_flip"`` (default) is Coste et al. 2023's (github tlc4418/llm_optimization,
-    ``src/data_utils/oa_custom_datasets/rank_datasets.py``: ``preference if (not train or i % 2 == 0)
-    else random.randint(0, 1)``): every other TRAINING pair gets a fair-coin label, so at p = 0.25
-    half the pairs are re-drawn and a quarter end up wrong. Here a pair is re-drawn when its first
+    ``src/data_utils/oa_custom_datasets/rank_datasets.py``, ``CustomHFPref``: ``preference =
+    row["preference"]  # if (not train or i % 2 == 0) else random.randint(0, 1)``, the noise part
+    left commented out in the released code, switched on for the paper's 25% label-noise runs):
+    every other TRAINING pair gets a fair-coin label, so half the pairs are re-drawn and a
+    quarter end up wrong. Here a pair is re-drawn when its first
     uniform (``pair_uniforms(seed, id)``) is below 2p (p = 0.25: half the pairs, as Coste's every
     other one, but chosen by a hash of (seed, id) instead of the position, so the draw does not
     depend on order, batching or the other pairs) and its coin (second uniform < 1/2) swaps chosen
