@@ -10,6 +10,8 @@ below; nothing else compares a difference with a threshold. Each returns one of
     OPPOSITE      beyond the bar, against the paper's direction
     NOT_RUN       nothing to compare: the measurement is missing (NaN or None)
 
+and ``mitigation_verdict`` also BT_NO_OVEROPT, "BT does not over-optimize here" (below).
+
 The rules (``want`` is the paper's direction, "higher" or "lower"):
 
 1. ``z_verdict`` -- difference with a standard error (a paired difference across prompts, a change
@@ -47,7 +49,8 @@ import pandas as pd
 import scipy.stats
 
 REPRODUCED, NOT_AT_SCALE, OPPOSITE, NOT_RUN = "reproduced", "not at this scale", "opposite", "not run"
-VERDICTS = (REPRODUCED, NOT_AT_SCALE, OPPOSITE, NOT_RUN)
+BT_NO_OVEROPT = "BT does not over-optimize here"  # a mitigation claim where there is nothing to mitigate
+VERDICTS = (REPRODUCED, NOT_AT_SCALE, OPPOSITE, NOT_RUN, BT_NO_OVEROPT)
 
 Z_95 = 1.96  # two-sided 95% quantile of the standard normal (scipy.stats.norm.ppf(0.975) = 1.95996)
 REL_TOL = 0.05  # single-seed direction claims: a relative difference up to 5% counts as no effect
@@ -171,8 +174,7 @@ def observed_verdict(observed: bool | None) -> str:
 
 # -- the over-optimization regime (issue 19): fixed before the run ----------------------------------
 # Each experiment first asks whether BT over-optimizes at all; a claim that BSR, GRM or an ensemble
-# MITIGATES over-optimization is tested only where it does (``mitigation_verdict``).
-BT_NO_OVEROPT = "BT does not over-optimize here"
+# MITIGATES over-optimization is tested only where it does (``mitigation_verdict``; else BT_NO_OVEROPT).
 BON_DROP_SEMS = 2.0  # issue 19: gold at the largest n below its peak by more than 2 SEM (paired over prompts)
 SATURATED_ACCURACY = 0.95  # training accuracy that counts as saturated ...
 SATURATED_CHANGE = 0.01  # ... or a last-epoch change below 1 point
