@@ -340,7 +340,10 @@ class NormProbeCallback(RecordsCallback):
     Records at train begin (step 0, the untrained model), every ``every_steps`` optimizer steps,
     at the last step of each epoch (``epoch_end`` True) and when training stops mid-epoch
     (``on_epoch_end`` fires then too; ``epoch_end`` False). One record per step. A record is ``{"step", "epoch", "epoch_end", <statistics of
-    dispersion_statistics>, "pair_distances": [...]}``; all are in ``self.records``.
+    dispersion_statistics>, "pair_distances": [...]}``; all are in ``self.records``. With
+    ``eval_probes`` (held-out, OOD sets) the records at step 0, at epoch ends and the final one
+    also hold ``<name>_<statistic>`` of each set: the per-epoch table of the over-training regime
+    (``epoch_table``, ``overtraining_from_records``, ``spreading_from_records``).
 
     Resumable (``rmlib.core.runs.RecordsCallback``): the records are kept in
     ``<output_dir>/norm_records.jsonl`` and in every checkpoint; a resumed run reloads them, so
