@@ -140,10 +140,11 @@ class TestEqualsPlainTRL:
         torch.testing.assert_close(s_out["advantages"], p_out["advantages"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s_out["old_logps"], p_out["old_logps"], atol=1e-5, rtol=1e-5)
         assert p_out["advantages"].abs().max() > 1e-3
-        # the non-canonical completion (row 3) went the plain way; all others through the shared bottom
+        # every row through the shared bottom, the non-canonical completion (row 3) too: its re-tokenized
+        # reply runs on the stored keys/values of the prompt and the completion's first (shared) token
         wrapped = shared.reward_funcs[0]
         assert isinstance(wrapped, shared_bottom.SharedBottomReward)
-        assert (wrapped.rows_shared, wrapped.rows_plain) == (5, 1)
+        assert (wrapped.rows_shared, wrapped.rows_plain) == (6, 0)
         assert plain._metrics["train"]["kl"] == pytest.approx(shared._metrics["train"]["kl"], abs=1e-6)
 
     def test_per_token_logps_policy_and_reference(self, both, tokenizer):
@@ -240,15 +241,29 @@ def test_handed_in_bottom_states_are_used(tokenizer, tiny_backbone):
     policy = _policy(tiny_backbone)
     decoder = policy.model
     prompts, comps = [[5, 6, 7], [8, 9]], [[10, 2], [11, 12, 13]]
-    batch = shared_bottom.BottomBatch.build(decoder, prompts, comps, [], 0, 2, contextlib.nullcontext)
+    batch = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext)
     assert batch.ids.tolist() == [[5, 6, 7, 10, 2, 0], [0, 8, 9, 11, 12, 13]]
-    given = shared_bottom.BottomBatch.build(decoder, prompts, comps, [], 0, 2, contextlib.nullcontext,
-                                            states=batch.states[2] + 1.0)
+    assert sorted(batch.states) == [1, 2] and batch.cache.get_seq_length() == 6
+    rm_seqs = [[5, 6, 7, 10, 2, 198], [8, 9, 11, 14]]  # a tail after the completion; a different last token
+    full = batch.rm_input(rm_seqs, 2)
+    given = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext,
+                                            states={2: batch.states[2] + 1.0})
     torch.testing.assert_close(given.states_at(2), batch.states_at(2) + 1.0)
     assert not torch.allclose(given.states_at(3), batch.states_at(3))  # layer 3 is computed from them
+    assert given.rm_input(rm_seqs, 2) is None  # own tokens after the prefix need the keys/values: plain path
+    rows, ids, mask, hidden = full
+    assert rows.tolist() == [0, 1] and ids.tolist() == [[5, 6, 7, 10, 2, 198], [0, 8, 9, 11, 14, 0]]
+    assert mask.tolist() == [[1] * 6, [0, 1, 1, 1, 1, 0]]
+    # the continued rows equal a fresh bottom forward of the RM's own sequences
+    for k, seq in enumerate(rm_seqs):
+        with torch.no_grad():
+            ref = shared_bottom.run_layers(decoder, decoder.embed_tokens(torch.tensor([seq])), torch.ones(1, len(seq)),
+                                           0, 2)
+        got = hidden[k][mask[k].bool()]
+        torch.testing.assert_close(got, ref[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expected"):
-        shared_bottom.BottomBatch.build(decoder, prompts, comps, [], 0, 2, contextlib.nullcontext,
-                                        states=batch.states[2][:, :3])
+        shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [2], contextlib.nullcontext,
+                                        states={2: batch.states[2][:, :3]})
 
 
 def test_make_topk_policy_checks_k(tiny_backbone):

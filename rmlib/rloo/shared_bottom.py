@@ -20,24 +20,24 @@ checkpoints); ``SharedBottomRLOOTrainer`` overrides only where the forwards happ
 on the completion positions only), ``_generate_and_score_completions`` (hands the policy's bottom
 to the loss micro-batches as ``bottom_hidden``) and ``_compute_loss``.
 
-Exactness. A causal decoder's hidden state at a real token depends only on the tokens before it,
-so the bottom of prompt + completion + anything appended equals that of prompt + completion on
-their positions. The RM formats prompt + reply with its own tokenizer and chat template
-(``rmlib.model.encoding.encode_prompt_replies``, as ``RewardModelFunction``); where those ids are
-the policy's ids followed by a tail (SmolLM2: the newline after ``<|im_end|>``; for a reply cut at
-the length limit ``<|im_end|>`` and the newline), the tail is appended to the row of the one
-bottom forward (the "short extra step" costs one or two positions). A row whose RM ids are not of
-that form (re-tokenization of the decoded text differs from the sampled ids, or the RM cut the
-prompt at ``max_length``) is scored by the plain ``RewardModelFunction`` path. RoPE attention
-depends on position differences only, so left padding (the policy's layout) and right padding
-(the RM's) agree to float rounding. In float32 everything equals the plain TRL path to ~1e-5
+Exactness. A causal decoder's hidden state at a real token depends only on the tokens before it.
+The RM formats prompt + reply with its own tokenizer and chat template
+(``rmlib.model.encoding.encode_prompt_replies``, as ``RewardModelFunction`` does); its ids share a
+prefix with the policy's (at least the prompt) and then go on with their own tokens: SmolLM2's
+newline after ``<|im_end|>`` (and ``<|im_end|>`` itself for a reply cut at the length limit), or,
+where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. Those
+own tokens run through the bottom in one short extra pass on the stored keys/values of the shared
+prefix (``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
+``max_length``) is scored by the plain ``RewardModelFunction`` path. RoPE attention depends on
+position differences only, so left padding (the policy's layout) and right padding (the RM's) agree
+to float rounding. In float32 everything equals the plain TRL path to ~1e-5
 (tests/test_rloo_shared_bottom.py); under bf16 autocast the RM sees bf16-autocast bottom states of
 the policy's float32 weights instead of its own bf16 weights (same values for SmolLM2, whose
 checkpoint is bf16), so rewards agree to bf16 rounding.
 
-Sampler hand-off. ``BottomBatch.build(..., states=...)`` accepts bottom states computed elsewhere
-(a sampler that captures the bottom while decoding); ``_sampled_bottom`` is where such a sampler
-plugs in. Until then the states come from one no-grad bottom forward after sampling.
+Sampler hand-off. ``BottomBatch.build(..., states=, cache=)`` accepts bottom states (and keys/values)
+computed elsewhere (a sampler that captures the bottom while decoding); ``_sampled_bottom`` is where
+such a sampler plugs in. Until then they come from one no-grad bottom forward after sampling.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 from trl import RLOOTrainer
 from trl.kernels import ChunkedLogProbFunction
 
@@ -134,72 +135,58 @@ def same_bottom(a: nn.Module, b: nn.Module, layers: int) -> bool:
 @dataclass
 class BottomBatch:
     """The frozen bottom of one generation batch: N rows laid out as TRL lays them out (prompt
-    left-padded to P, completion right-padded to C) with each row's RM tail after its completion.
+    left-padded to P, completion right-padded to C), ``ids``/``mask`` (N, W = P + C).
 
-    ``ids``/``mask`` (N, W), W = P + C + longest tail; ``policy_ids``/``policy_mask`` (N, P + C): TRL's
-    input of the policy; ``rm_ok[j]`` (N,) rows shared RM j scores from the bottom, ``rm_mask[j]``
-    (N, W) its attention mask; ``states``: layer -> hidden states entering it (N, W, H)."""
+    ``states``: layer -> hidden states entering it (N, W, H), for the policy's start layer and every
+    shared RM's; ``cache``: the bottom's keys/values (layers below the highest of them), from which
+    ``rm_input`` continues a row with the tokens where the RM's ids differ from the policy's."""
 
     ids: torch.Tensor
     mask: torch.Tensor
-    policy_ids: torch.Tensor
-    policy_mask: torch.Tensor
-    rm_ok: list[torch.Tensor]
-    rm_mask: list[torch.Tensor]
+    lengths: list[int]  # real tokens per row (prompt + completion)
+    first: list[int]  # column of each row's first real token
+    prompt_lengths: list[int]
     decoder: nn.Module  # the frozen bottom's layers (the policy's)
     autocast: object  # context-manager factory of the policy forward's autocast
     states: dict[int, torch.Tensor] = field(default_factory=dict)
+    cache: object | None = None
 
     @classmethod
-    def build(cls, decoder, prompt_ids, completion_ids, rm_seqs, pad_id: int, start_layer: int, autocast_ctx,
-              states: torch.Tensor | None = None) -> "BottomBatch":
-        """Lay out the rows and run the bottom [0, start_layer) once (no grad), unless ``states``
-        (N, W, H) entering ``start_layer`` come from elsewhere (a sampler that captured them).
-
-        ``rm_seqs[j][i]``: RM j's token ids of row i (prompt + reply as it scores them)."""
+    def build(cls, decoder, prompt_ids, completion_ids, pad_id: int, layers, autocast_ctx,
+              states: dict[int, torch.Tensor] | None = None, cache=None) -> BottomBatch:
+        """Lay out the rows and run the bottom once (no grad) up to the highest of ``layers``, keeping
+        the states entering each and the keys/values below; unless ``states`` (and ``cache``) of this
+        layout come from elsewhere (a sampler that captured them while decoding)."""
         n = len(prompt_ids)
-        pol = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        rm_ok, tails = [], [None] * n
-        for seqs in rm_seqs:
-            ok = torch.zeros(n, dtype=torch.bool)
-            for i, seq in enumerate(seqs):
-                m = len(pol[i])
-                if len(seq) >= m and list(seq[:m]) == pol[i]:
-                    tail = list(seq[m:])
-                    if tails[i] is None:
-                        tails[i] = tail
-                    ok[i] = tails[i] == tail  # one tail per row: another RM's differing tail goes the plain way
-            rm_ok.append(ok)
-        tails = [t or [] for t in tails]
         p_width = max(len(p) for p in prompt_ids)
-        c_width = max(len(c) for c in completion_ids)
-        width = p_width + c_width + max(len(t) for t in tails)
+        width = p_width + max(len(c) for c in completion_ids)
         device = decoder.embed_tokens.weight.device
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.long)
-        policy_mask = torch.zeros(n, p_width + c_width, dtype=torch.long)
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
             lo, hi = p_width - len(p), p_width + len(c)
-            ids[i, lo:hi + len(tails[i])] = torch.as_tensor(list(p) + list(c) + tails[i], dtype=torch.long)
-            mask[i, lo:hi + len(tails[i])] = 1
-            policy_mask[i, lo:hi] = 1
-        policy_ids = ids[:, : p_width + c_width].masked_fill(policy_mask == 0, pad_id)
-        rm_mask = [mask * ok[:, None].long() for ok in rm_ok]
-        batch = cls(ids.to(device), mask.to(device), policy_ids.to(device), policy_mask.to(device),
-                    rm_ok, [m.to(device) for m in rm_mask], decoder, autocast_ctx)
+            ids[i, lo:hi] = torch.as_tensor(list(p) + list(c), dtype=torch.long)
+            mask[i, lo:hi] = 1
+        batch = cls(ids.to(device), mask.to(device), [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)],
+                    [p_width - len(p) for p in prompt_ids], [len(p) for p in prompt_ids], decoder, autocast_ctx)
+        layers = sorted({int(x) for x in layers})
         if states is not None:
-            if tuple(states.shape[:2]) != (n, width):
-                raise ValueError(f"handed-in bottom states are {tuple(states.shape)}, expected ({n}, {width}, H)")
-            batch.states[start_layer] = states.to(device)
-        else:
-            batch.states[start_layer] = batch._run(decoder.embed_tokens(batch.ids), 0, start_layer)
+            for layer, h in states.items():
+                if tuple(h.shape[:2]) != (n, width):
+                    raise ValueError(f"handed-in bottom states are {tuple(h.shape)}, expected ({n}, {width}, H)")
+                batch.states[int(layer)] = h.to(device)
+            batch.cache = cache
+            return batch
+        keep = dict.fromkeys(layers[:-1])
+        batch.cache = DynamicCache()
+        with torch.no_grad(), autocast_ctx():
+            top = run_layers(decoder, decoder.embed_tokens(batch.ids), batch.mask, 0, layers[-1],
+                             past_key_values=batch.cache, keep=keep)
+        batch.states.update(keep)
+        batch.states[layers[-1]] = top
         return batch
 
     @torch.no_grad()
-    def _run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        with self.autocast():
-            return run_layers(self.decoder, hidden, self.mask, start, stop)
-
     def states_at(self, layer: int) -> torch.Tensor:
         """Hidden states entering ``layer`` (N, W, H), from the highest stored layer below it through
         the policy's (frozen) layers in between; kept for the next caller."""
@@ -207,24 +194,78 @@ class BottomBatch:
             below = max((k for k in self.states if k < layer), default=None)
             if below is None:
                 raise ValueError(f"no bottom state at or below layer {layer} (stored: {sorted(self.states)})")
-            self.states[layer] = self._run(self.states[below], below, layer)
+            with self.autocast():
+                self.states[layer] = run_layers(self.decoder, self.states[below], self.mask, below, layer)
         return self.states[layer]
 
     def matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
         """Whether (input_ids, attention_mask) is this batch's policy input (same rows, same order)."""
-        return (input_ids.shape == self.policy_ids.shape and torch.equal(attention_mask.long(), self.policy_mask)
-                and torch.equal(input_ids.masked_fill(attention_mask == 0, 0),
-                                self.policy_ids.masked_fill(self.policy_mask == 0, 0)))
+        return (input_ids.shape == self.ids.shape and torch.equal(attention_mask.long(), self.mask)
+                and torch.equal(input_ids.masked_fill(attention_mask == 0, 0), self.ids.masked_fill(self.mask == 0, 0)))
+
+    @torch.no_grad()
+    def rm_input(self, seqs: list[list[int]], layer: int):
+        """A reward model's input on the shared bottom: ``seqs[i]`` its token ids of row i.
+
+        Row i shares the bottom up to c_i, the length of the common prefix of ``seqs[i]`` and the
+        policy's ids (at least the policy's prompt: otherwise, e.g. an RM that cut the prompt, it is
+        left out); the RM's remaining ids (the chat template's end-of-turn tail, or where the decoded
+        text re-tokenizes differently) run through the bottom [0, layer) once more, on the stored
+        keys/values of the first c_i tokens. Returns (rows (R,), ids, mask (R, T'), hidden entering
+        ``layer`` (R, T', H), right-padded; the RM's positions are the policy layout's columns) or None."""
+        rows, cuts, tails = [], [], []
+        for i, seq in enumerate(seqs):
+            lo, n = self.first[i], self.lengths[i]
+            pol = self.ids[i, lo : lo + n].tolist()
+            c = next((k for k, (a, b) in enumerate(zip(seq, pol)) if a != b), min(len(seq), n))
+            if c < self.prompt_lengths[i] or c == 0 or (c < len(seq) and self.cache is None):
+                continue  # the RM's prompt differs (cut at max_length), or no keys/values to continue on
+            rows.append(i)
+            cuts.append(lo + c)
+            tails.append(list(seq[c:]))
+        if not rows:
+            return None
+        device = self.ids.device
+        base = self.states_at(layer)
+        width = max(c + len(t) for c, t in zip(cuts, tails))
+        r = len(rows)
+        ids = torch.zeros(r, width, dtype=torch.long, device=device)
+        mask = torch.zeros(r, width, dtype=torch.long, device=device)
+        hidden = base.new_zeros(r, width, base.shape[-1])
+        for k, (i, c) in enumerate(zip(rows, cuts)):
+            ids[k, :c], mask[k, :c], hidden[k, :c] = self.ids[i, :c], self.mask[i, :c], base[i, :c]
+        ext = [k for k, t in enumerate(tails) if t]
+        if ext:  # the rows' own tokens after the shared prefix: one short pass on the stored keys/values
+            sel = torch.as_tensor([rows[k] for k in ext], device=device)
+            t_len = max(len(tails[k]) for k in ext)
+            t_ids = torch.zeros(len(ext), t_len, dtype=torch.long, device=device)
+            t_mask = torch.zeros(len(ext), t_len, dtype=torch.long, device=device)
+            for j, k in enumerate(ext):
+                t_ids[j, : len(tails[k])] = torch.as_tensor(tails[k], device=device)
+                t_mask[j, : len(tails[k])] = 1
+            cut = torch.as_tensor([cuts[k] for k in ext], device=device)
+            cols = torch.arange(self.ids.shape[1], device=device)
+            past_mask = self.mask[sel] * (cols[None] < cut[:, None])  # the prefix only
+            kv = DynamicCache(ddp_cache_data=[(layer_kv.keys[sel], layer_kv.values[sel])
+                                              for layer_kv in self.cache.layers[:layer]])
+            pos = cut[:, None] + torch.arange(t_len, device=device)
+            with self.autocast():
+                h = run_layers(self.decoder, self.decoder.embed_tokens(t_ids), torch.cat([past_mask, t_mask], 1),
+                               0, layer, position_ids=pos, past_key_values=kv)
+            for j, k in enumerate(ext):
+                c, m = cuts[k], len(tails[k])
+                ids[k, c : c + m], mask[k, c : c + m], hidden[k, c : c + m] = t_ids[j, :m], 1, h[j, :m]
+        return torch.as_tensor(rows), ids, mask, hidden
 
 
 # -- rewards from the shared bottom --------------------------------------------------------------------
 class SharedBottomReward:
     """A ``RewardModelFunction`` whose rows come from the trainer's ``BottomBatch`` where they can
-    (the RM's layers [start_layer, L) + head on the shared states), the rest by the plain path.
-    Same call and name as the wrapped function (TRL logs ``rewards/<name>/mean``)."""
+    (``BottomBatch.rm_input``, then the RM's layers [start_layer, L) + head), the rest by the plain
+    path. Same call and name as the wrapped function (TRL logs ``rewards/<name>/mean``)."""
 
-    def __init__(self, fn, index: int, start_layer: int, batch_of):
-        self.fn, self.index, self.start_layer, self.batch_of = fn, index, int(start_layer), batch_of
+    def __init__(self, fn, start_layer: int, batch_of):
+        self.fn, self.start_layer, self.batch_of = fn, int(start_layer), batch_of
         self.__name__ = fn.__name__
         self.rows_shared = self.rows_plain = 0  # counters, for tests and logs
 
@@ -239,24 +280,24 @@ class SharedBottomReward:
         if batch is None or batch.ids.shape[0] != n:
             self.rows_plain += n
             return self.fn(prompts, completions)
-        ok = batch.rm_ok[self.index]
+        replies = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        got = batch.rm_input(self.rm_sequences(prompts, replies), self.start_layer)
         rewards = np.zeros(n, np.float64)
-        rows = ok.nonzero().squeeze(-1)
-        if len(rows):
+        done = torch.zeros(n, dtype=torch.bool)
+        if got is not None:
+            rows, ids, mask, hidden = got
             model = self.fn.model
             device = next(model.parameters()).device
-            hidden = batch.states_at(self.start_layer)
-            for chunk in rows.split(self.fn.batch_size):
-                chunk_dev = chunk.to(hidden.device)
+            for chunk in torch.arange(len(rows)).split(self.fn.batch_size):
                 with torch.no_grad(), autocast(device, self.fn.bf16):
-                    out = model(batch.ids[chunk_dev].to(device), batch.rm_mask[self.index][chunk_dev].to(device),
-                                hidden_in=hidden[chunk_dev], start_layer=self.start_layer)
-                rewards[chunk.numpy()] = out.rewards.float().cpu().numpy()
-        rest = (~ok).nonzero().squeeze(-1).tolist()
+                    out = model(ids[chunk].to(device), mask[chunk].to(device), hidden_in=hidden[chunk],
+                                start_layer=self.start_layer)
+                rewards[rows[chunk].numpy()] = out.rewards.float().cpu().numpy()
+            done[rows] = True
+        rest = (~done).nonzero().squeeze(-1).tolist()
         if rest:
-            plain = self.fn([prompts[i] for i in rest], [completions[i] for i in rest])
-            rewards[rest] = plain
-        self.rows_shared += len(rows)
+            rewards[rest] = self.fn([prompts[i] for i in rest], [completions[i] for i in rest])
+        self.rows_shared += n - len(rest)
         self.rows_plain += len(rest)
         return [float(x) for x in rewards]
 
@@ -296,7 +337,7 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
             start = self._shared_start(fn, lm)
             if start is None:
                 continue
-            wrapped = SharedBottomReward(fn, len(self.shared_rewards), start, lambda: self._batch)
+            wrapped = SharedBottomReward(fn, start, lambda: self._batch)
             self.shared_rewards.append(wrapped)
             self.reward_funcs[i] = wrapped
             self.bottom_layer = min(self.bottom_layer, start)
@@ -334,21 +375,21 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         seeds = [sample_seed(self.args.seed, stream, i) for i in range(len(prompt_ids))]
         return self._decode_loop([list(p) for p in prompt_ids], seeds)
 
-    def _sampled_bottom(self, prompt_ids, completion_ids) -> torch.Tensor | None:
-        """Bottom states the sampler captured for these rows, laid out as ``BottomBatch`` (None: none;
-        the hook for a sampler that keeps the bottom while decoding)."""
+    def _sampled_bottom(self, prompt_ids, completion_ids):
+        """(states {layer: (N, W, H)}, keys/values cache or None) the sampler captured for these rows in
+        ``BottomBatch``'s layout, or None: the hook for a sampler that keeps the bottom while decoding
+        (without the cache, RM rows whose ids go beyond the policy's are scored the plain way)."""
         return None
 
     def _generate(self, prompts: list):
         prompt_ids, completion_ids, completions = super()._generate(prompts)
         self._batch = None
         if self.pad_to_multiple_of is None:  # otherwise TRL's layout differs: the plain forwards below
-            replies = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-            rm_seqs = [r.rm_sequences(prompts, replies) for r in self.shared_rewards]
             lm = unwrap_causal_lm(self.accelerator.unwrap_model(self.model))
-            self._batch = BottomBatch.build(decoder_of(lm), prompt_ids, completion_ids, rm_seqs,
-                                            self._tokenizer.pad_token_id, self.bottom_layer, self.accelerator.autocast,
-                                            states=self._sampled_bottom(prompt_ids, completion_ids))
+            layers = [self.policy_start, *(r.start_layer for r in self.shared_rewards)]
+            states, cache = self._sampled_bottom(prompt_ids, completion_ids) or (None, None)
+            self._batch = BottomBatch.build(decoder_of(lm), prompt_ids, completion_ids, self._tokenizer.pad_token_id,
+                                            layers, self.accelerator.autocast, states=states, cache=cache)
         return prompt_ids, completion_ids, completions
 
     # -- the bottom of the policy forwards -----------------------------------------------------------
@@ -359,7 +400,7 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
             ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
             if batch is not None and batch.matches(ids, mask):
-                output["bottom_hidden"] = batch.states_at(self.policy_start)[:, : ids.shape[1]]
+                output["bottom_hidden"] = batch.states_at(self.policy_start)
         finally:
             self._batch = None  # the batch's states are no longer needed
         return output
@@ -377,7 +418,7 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         if hidden is not None and tuple(hidden.shape[:2]) == tuple(input_ids.shape):
             return hidden
         if self._batch is not None and self._batch.matches(input_ids, attention_mask):
-            return self._batch.states_at(self.policy_start)[:, : input_ids.shape[1]]
+            return self._batch.states_at(self.policy_start)
         lm = unwrap_causal_lm(self.accelerator.unwrap_model(self.model))  # any other input: its own bottom forward
         decoder = decoder_of(lm)
         with torch.no_grad(), self.accelerator.autocast():
