@@ -451,7 +451,9 @@ def rloo_rows(rl: dict) -> list[list[str]]:
         r = rl[kind]
         rows.append([label, _f(r["median_step_seconds"], ".2f"), ", ".join(f"{x:.1f}" for x in r["step_seconds"]),
                      _f(r["mean_completion_tokens"], ".1f"), r.get("reference", "?"),
-                     ", ".join(r.get("shared_bottom_rewards") or []) or "none", _gib(r["peak_rss_bytes"])])
+                     ", ".join(f"{name} ({a} rows shared, {b} plain)" for name, (a, b) in
+                               zip(r.get("shared_bottom_rewards") or [], r.get("reward_rows_shared_plain") or []))
+                     or "none", _gib(r["peak_rss_bytes"])])
     return rows
 
 

@@ -201,8 +201,8 @@ def test_report_has_every_row_and_one_exact_ratio_line():
     for text in ["RLOO step, TRL RLOOTrainer (plain), 8 prompts x k=2, 64 new tokens | 30.0 s/step",
                  "RLOO step, rmlib shared bottom (mode topk), same sizes | 12.0 s/step | 2.50x vs TRL",
                  "| TRL RLOOTrainer (plain) | 30.00 | 36.0, 30.0, 30.0, 27.0 | 50.0 | LlamaForCausalLM | none | 2.50 GiB |",
-                 "| rmlib SharedBottomRLOOTrainer | 12.00 | 14.4, 12.0, 12.0, 10.8 | 50.0 | LlamaForCausalLM | proxy_rm | "
-                 "1.75 GiB |", "## RLOO step (issue 18)"]:
+                 "| rmlib SharedBottomRLOOTrainer | 12.00 | 14.4, 12.0, 12.0, 10.8 | 50.0 | LlamaForCausalLM | proxy_rm (60 rows "
+                 "shared, 4 plain) | 1.75 GiB |", "## RLOO step (issue 18)"]:
         assert text in md, text
     sampling = [l for l in lines if l.startswith(report.SAMPLING_LINE_PREFIX)]
     assert sampling == ["sampling speed vs HF generate: 2.60x at batch 256 (86.7% of the raw decode throughput); "

@@ -370,9 +370,12 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
             self._decode_loop = DecodeLoop(policy, list(self.eos_token_ids), pad if pad is not None else
                                            self.eos_token_ids[0], self.max_completion_length, self.temperature,
                                            self.top_p if self.top_p is not None else 1.0, bool(self.args.bf16))
+        # row i of the generation at optimizer step t draws from hash(seed, t, i): a resumed run samples
+        # what an uninterrupted one does, and the global RNG is not touched
         mode = "train" if self.model.training else "eval"
-        stream = f"rloo-{mode}-step-{self.state.global_step}-rank-{self.accelerator.process_index}"
-        seeds = [sample_seed(self.args.seed, stream, i) for i in range(len(prompt_ids))]
+        stream = f"rloo-{mode}-rank-{self.accelerator.process_index}"
+        seeds = [sample_seed(self.args.seed, f"step-{self.state.global_step}", i, stream=stream)
+                 for i in range(len(prompt_ids))]
         return self._decode_loop([list(p) for p in prompt_ids], seeds)
 
     def _sampled_bottom(self, prompt_ids, completion_ids):
