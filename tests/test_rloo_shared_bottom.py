@@ -266,6 +266,19 @@ def test_handed_in_bottom_states_are_used(tokenizer, tiny_backbone):
                                         states={2: batch.states[2][:, :3]})
 
 
+def test_sampling_is_seeded_per_step_and_row(tmp_path, tokenizer, tiny_backbone, rms):
+    t = _trainer("shared", tiny_backbone, rms["proxy"], tokenizer, tmp_path / "s", None)
+    prompt_ids = [tokenizer("hello there", add_special_tokens=False)["input_ids"]] * 2 + [[5, 6, 7]]
+    state = torch.random.get_rng_state()
+    first = t._generate_single_turn(prompt_ids, None, {})
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    assert t._generate_single_turn(prompt_ids, None, {}) == first  # same step: same samples
+    assert first[0] != first[1]  # each row its own stream, also for the same prompt
+    assert all(1 <= len(c) <= 8 for c in first)
+    t.state.global_step = 1
+    assert t._generate_single_turn(prompt_ids, None, {}) != first
+
+
 def test_make_topk_policy_checks_k(tiny_backbone):
     model = AutoModelForCausalLM.from_pretrained(tiny_backbone)
     with pytest.raises(ValueError, match=r"policy_top_k_layers=5 must be in \[1, 4\]"):

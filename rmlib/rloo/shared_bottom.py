@@ -313,6 +313,8 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
     ``generate``. Other arguments as ``RLOOTrainer``'s."""
 
     def __init__(self, model, reward_funcs, args=None, use_decode_loop: bool = True, **kwargs):
+        if args is None:
+            raise ValueError("SharedBottomRLOOTrainer needs args (a trl.RLOOConfig)")
         if isinstance(model, str) or not isinstance(model, nn.Module):
             raise TypeError("SharedBottomRLOOTrainer needs the policy as a loaded causal LM (make_topk_policy)")
         if kwargs.get("peft_config") is not None:
@@ -328,7 +330,7 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         self.ref_model = reference.to(self.accelerator.device)
         self.use_decode_loop = use_decode_loop
         self._batch: BottomBatch | None = None
-        self._loss_bottom: tuple | None = None
+        self._loss_bottom: torch.Tensor | None = None  # the loss micro-batch's bottom_hidden
         self._decode_loop: DecodeLoop | None = None
         self.shared_rewards: list[SharedBottomReward] = []
         self.bottom_layer = self.policy_start
