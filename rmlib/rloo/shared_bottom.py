@@ -3,13 +3,16 @@ the policy's top 2 layers).
 
 With a top-k policy the embeddings and decoder layers ``[0, s)`` (s = L - k) never change, and a
 top-k reward model built from the same backbone has the same frozen bottom ``[0, s_rm)``. So per
-batch of sampled completions the frozen bottom runs ONCE, up to ``min(s, s_rm)``, on prompt +
-completion, and its hidden states serve
+batch of sampled completions the frozen bottom runs ONCE on prompt + completion, up to s, keeping
+the states entering s and each RM's ``min(s, s_rm)`` (and its keys/values), which serve
 
 - the policy log-probs: layers [s, L) + norm + LM head, with grad in the loss;
 - the reference log-probs: the ORIGINAL layers [s, L) + norm (``shared_reference``: a causal LM that
   shares the policy's bottom modules and holds copies of the top ones: no second full model);
 - the rewards of top-k RMs: their own layers [min(s, s_rm), L) + head (``SharedBottomReward``).
+
+Trainable: the top k decoder layers and the final norm (``make_topk_policy``). The LM head stays
+frozen: SmolLM2 ties it to the input embedding, which belongs to the shared bottom.
 
 The loop stays TRL's ``RLOOTrainer`` (advantages A_i = R_i - mean_{j != i} R_j with
 R_i = r(x, y_i) - beta * sum_t [log pi(y_it) - log pi_ref(y_it)], the clipped loss, logging,
