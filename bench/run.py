@@ -52,7 +52,7 @@ class Sizes:
     rloo_prompts: int = 8  # RLOO: prompts per optimizer step (x rloo_k completions), both trainers
     rloo_k: int = 2  # completions per prompt (BSR paper: k = 2)
     rloo_completion_tokens: int = 64
-    rloo_steps: int = 4  # optimizer steps per trainer; the first warms up
+    rloo_steps: int = 5  # optimizer steps per trainer; the first warms up (median of 4)
     rloo_beta: float = 0.05
     rloo_policy_top_k: int = 2  # trainable top layers of the policy (Coste et al. 2024)
     rloo_max_prompt_tokens: int = 128
