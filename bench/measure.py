@@ -451,6 +451,101 @@ def measure_sampling(spec: dict) -> dict:
             "sampler": SAMPLER, "batches": batches}
 
 
+def _rloo_part(spec: dict, kind: str, rm_dir: str, prompts: list[dict], out_dir: str) -> dict:
+    """One trainer of ``measure_rloo_step`` in this (fresh, spawned) process: optimizer-step wall
+    times, TRL's logged metrics, and this process's peak RSS."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.rloo.reward_fn import RewardModelFunction
+    from rmlib.rloo.shared_bottom import SharedBottomRLOOTrainer, make_topk_policy
+
+    torch.set_num_threads(int(spec["threads"]))
+    z = spec["sizes"]
+    tok = load_tokenizer(spec["backbone"])
+    tok.padding_side = "left"
+    policy = make_topk_policy(load_causal_lm(spec["backbone"]), z["rloo_policy_top_k"])
+    rm = RewardModelFunction.from_dir(rm_dir, name="proxy_rm", max_length=512, batch_size=16, bf16=spec["bf16"])
+    args = RLOOConfig(output_dir=out_dir, per_device_train_batch_size=z["rloo_prompts"] * z["rloo_k"],
+                      num_generations=z["rloo_k"], beta=z["rloo_beta"], max_completion_length=z["rloo_completion_tokens"],
+                      temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, learning_rate=1e-6,
+                      max_steps=z["rloo_steps"], bf16=spec["bf16"], use_cpu=True, report_to="none", save_strategy="no",
+                      logging_steps=1, shuffle_dataset=False, remove_unused_columns=False, disable_dropout=True,
+                      activation_checkpointing=False, normalize_advantages=False, seed=z["seed"], disable_tqdm=True)
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self.t0)
+            log(f"{kind}: step {state.global_step} in {self.seconds[-1]:.1f} s")
+
+    clock = StepClock()
+    data = Dataset.from_list([{"prompt": p} for p in prompts])
+    cls = SharedBottomRLOOTrainer if kind == "rmlib" else RLOOTrainer
+    trainer = cls(model=policy, reward_funcs=rm, args=args, train_dataset=data, processing_class=tok,
+                  callbacks=[clock])
+    shared = [f.__name__ for f in getattr(trainer, "shared_rewards", [])]
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "completions/mean_length" in r]
+    timed = clock.seconds[1:] or clock.seconds  # the first step warms up
+    return {"kind": kind, "step_seconds": clock.seconds, "median_step_seconds": statistics.median(timed),
+            "mean_completion_tokens": float(np.mean([r["completions/mean_length"] for r in logged])),
+            "reward_mean": float(np.mean([r["rewards/proxy_rm/mean"] for r in logged])),
+            "shared_bottom_rewards": shared, "reference": type(trainer.ref_model).__name__,
+            "reward_rows_shared_plain": [[f.rows_shared, f.rows_plain] for f in getattr(trainer, "shared_rewards", [])],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def measure_rloo_step(spec: dict) -> dict:
+    """One RLOO optimizer step, rmlib (``SharedBottomRLOOTrainer``: DecodeLoop sampling, one bottom
+    forward per completion for policy, reference and proxy) vs TRL's ``RLOOTrainer`` in its plain
+    configuration (HF generate, a second full reference model, the proxy as a reward function scoring
+    whole sequences): the same policy (SmolLM2, top ``rloo_policy_top_k`` layers + norm train), k,
+    prompts per step, completion length, beta, T = 1, top-p 1; the proxy a top-k RM of the same
+    backbone (untrained head: its speed is a trained one's). Each trainer runs ``rloo_steps`` steps
+    in its own spawned process (its own peak RSS); median step time over the steps after the first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.model.reward_model import (
+        ModelSpec,
+        build_reward_model,
+        save_reward_model,
+    )
+    from rmlib.rloo.prompts import build_prompt_sets
+
+    z = spec["sizes"]
+    n_prompts = z["rloo_prompts"] * z["rloo_steps"]
+    tok = load_tokenizer(spec["backbone"])
+    sets = build_prompt_sets(n_train=n_prompts, n_eval=1, seed=z["seed"], sources=["hh-rlhf"], tokenizer=tok,
+                             max_prompt_tokens=z["rloo_max_prompt_tokens"])
+    prompts = [p["prompt"] for p in sets.train]
+    parts = {}
+    with tempfile.TemporaryDirectory(prefix="rloo-step-") as tmp:
+        rm = build_reward_model(ModelSpec(backbone=spec["backbone"], head="linear", mode="topk",
+                                          top_k_layers=z["top_k_layers"]), seed=z["seed"])
+        save_reward_model(rm, Path(tmp) / "proxy", tok)
+        del rm
+        ctx = multiprocessing.get_context("spawn")
+        for kind in ("rmlib", "trl"):
+            log(f"{kind}: {z['rloo_steps']} steps of {z['rloo_prompts']} prompts x k={z['rloo_k']}, "
+                f"{z['rloo_completion_tokens']} new tokens")
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                parts[kind] = pool.submit(_rloo_part, spec, kind, str(Path(tmp) / "proxy"), prompts,
+                                          str(Path(tmp) / kind)).result()
+    return {"prompts_per_step": z["rloo_prompts"], "k": z["rloo_k"], "completion_tokens": z["rloo_completion_tokens"],
+            "beta": z["rloo_beta"], "steps": z["rloo_steps"], "policy_top_k": z["rloo_policy_top_k"],
+            "rm_top_k": z["top_k_layers"], **parts}
+
+
 def measure_sweep(spec: dict) -> dict:
     """Variants trained one after another (mode topk) in this process with a fresh store; wall
     seconds per run, model loading and the store build (first run) included."""
@@ -492,6 +587,7 @@ MEASURE = {
     "scoring": measure_scoring,
     "generation": measure_generation,
     "sampling": measure_sampling,
+    "rloo_step": measure_rloo_step,
     "sweep_one": measure_sweep,
     "sweep": measure_sweep,
 }

@@ -1,6 +1,6 @@
 """`make bench`: rmlib vs TRL RewardTrainer and plain loops, measured in one run, one table.
 
-    .venv/bin/python -m bench.run            # full sizes (~45 min on a quiet 2-core machine)
+    .venv/bin/python -m bench.run            # full sizes (~70 min on a quiet 2-core machine)
     .venv/bin/python -m bench.run --quick    # every measurement on tiny sizes (minutes): a smoke check
 
 Each measurement (``bench.report.MEASUREMENTS``) runs in its own process (``python -m
@@ -49,6 +49,13 @@ class Sizes:
     sampling_batches: list[int] = field(default_factory=lambda: [32, 128, 256])  # issue 18's batch sizes
     sampling_prompt_tokens: int = 40
     sampling_new_tokens: int = 64
+    rloo_prompts: int = 8  # RLOO: prompts per optimizer step (x rloo_k completions), both trainers
+    rloo_k: int = 2  # completions per prompt (BSR paper: k = 2)
+    rloo_completion_tokens: int = 64
+    rloo_steps: int = 5  # optimizer steps per trainer; the first warms up (median of 4)
+    rloo_beta: float = 0.05
+    rloo_policy_top_k: int = 2  # trainable top layers of the policy (Coste et al. 2024)
+    rloo_max_prompt_tokens: int = 128
     matmul_sizes: list[int] = field(default_factory=lambda: [2048, 3072])  # peak = best median over sizes
     matmul_repeats: int = 5
     max_length: int = 256
@@ -62,7 +69,7 @@ class Sizes:
 
 # --quick: a handful of pairs (2 training steps), one repeat: proves every measurement runs end to end
 QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen_samples=16, gen_max_new_tokens=8,
-             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8)
+             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8, rloo_prompts=2, rloo_completion_tokens=8, rloo_steps=2)
 
 
 def plan() -> list[tuple[str, dict]]:
@@ -80,6 +87,7 @@ def plan() -> list[tuple[str, dict]]:
         ("scoring", {}),
         ("generation", {}),
         ("sampling", {}),
+        ("rloo_step", {}),
         ("sweep_one", {"variants": ["bt"]}),
         ("sweep", {"variants": list(SWEEP_VARIANTS)}),
     ]
@@ -98,7 +106,9 @@ def estimate_seconds(z: Sizes) -> float:
     gen = z.gen_prompts * z.gen_samples * z.gen_max_new_tokens / 200 + z.gen_prompts * z.gen_max_new_tokens / 15
     sampling = sum(z.sampling_batches) * z.sampling_new_tokens * (1 / SAMPLING_RATES["hf"] + 1 / SAMPLING_RATES["raw"]
                                                                   + 1 / SAMPLING_RATES["rmlib"])
-    return (12 * 20 + 5
+    # RLOO: ~30 s (TRL) + ~12 s (rmlib) per step of 16 completions x 64 tokens, + model loads and the RM build
+    rloo = z.rloo_steps * 42 * z.rloo_prompts * z.rloo_k * z.rloo_completion_tokens / (16 * 64) + 60
+    return (12 * 20 + 5 + rloo
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept

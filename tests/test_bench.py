@@ -127,6 +127,14 @@ def made_up_results() -> dict:
                              "rmlib": {"seconds": 10.0, "tokens": 10 * rm, "tokens_per_second": rm, "finished": 4,
                                        "steps": 64, "compactions": 1}}
                             for b, hf, raw, rm in ((32, 100.0, 150.0, 140.0), (256, 100.0, 300.0, 260.0))]}, 1.5),
+        "rloo_step": _m({"prompts_per_step": 8, "k": 2, "completion_tokens": 64, "beta": 0.05, "steps": 4,
+                         "policy_top_k": 2, "rm_top_k": 4,
+                         **{kind: {"kind": kind, "step_seconds": [s * 1.2, s, s, s * 0.9], "median_step_seconds": s,
+                                   "mean_completion_tokens": 50.0, "reward_mean": 0.1, "reference": "LlamaForCausalLM",
+                                   "shared_bottom_rewards": ["proxy_rm"] if kind == "rmlib" else [],
+                                   "reward_rows_shared_plain": [[60, 4]] if kind == "rmlib" else [],
+                                   "peak_rss_bytes": rss * 2 ** 30}
+                            for kind, s, rss in (("trl", 30.0, 2.5), ("rmlib", 12.0, 1.75))}}, 2.6),
         "sweep_one": _m({"variants": ["bt"], "pairs": 200, "total_seconds": 100.0,
                          "runs": [{"variant": "bt", "seconds": 100.0, "store_seconds": 60.0, "train_seconds": 35.0}]}),
         "sweep": _m({"variants": list(report.SWEEP_VARIANTS), "pairs": 200, "total_seconds": 400.0,
@@ -187,7 +195,15 @@ def test_report_has_every_row_and_one_exact_ratio_line():
     header = table[0].count(" | ")
     main_rows = table[1 : 1 + len(report.main_rows(made_up_results(), summarize(made_up_results())))]
     assert all(r.count(" | ") == header for r in main_rows)
-    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 1 + 2
+    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 1 + 2 + 2
+    rloo = [l for l in lines if l.startswith(report.RLOO_LINE_PREFIX)]
+    assert rloo == ["RLOO step speed vs TRL RLOOTrainer: 2.50x (target >= 2x)"]
+    for text in ["RLOO step, TRL RLOOTrainer (plain), 8 prompts x k=2, 64 new tokens | 30.0 s/step",
+                 "RLOO step, rmlib shared bottom (mode topk), same sizes | 12.0 s/step | 2.50x vs TRL",
+                 "| TRL RLOOTrainer (plain) | 30.00 | 36.0, 30.0, 30.0, 27.0 | 50.0 | LlamaForCausalLM | none | 2.50 GiB |",
+                 "| rmlib SharedBottomRLOOTrainer | 12.00 | 14.4, 12.0, 12.0, 10.8 | 50.0 | LlamaForCausalLM | proxy_rm (60 rows "
+                 "shared, 4 plain) | 1.75 GiB |", "## RLOO step (issue 18)"]:
+        assert text in md, text
     sampling = [l for l in lines if l.startswith(report.SAMPLING_LINE_PREFIX)]
     assert sampling == ["sampling speed vs HF generate: 2.60x at batch 256 (86.7% of the raw decode throughput); "
                         "batch 32: 1.40x, 93.3% of raw"]
@@ -226,6 +242,7 @@ def test_targets_rows():
     samp = next(r for r in rows if r[0].startswith("sampling >= 2.5x"))
     assert "B=256: 2.60x vs HF, 86.7% of raw (raw/HF 3.00x)" in samp[1]
     assert samp[2] == "vs HF: **no** (1 of 2 batches), of raw: yes (2 of 2)"
+    assert next(r for r in rows if r[0].startswith("RLOO step >= 2x"))[1:] == ["2.50x", "yes"]
 
 
 def test_report_with_a_failed_and_a_missing_measurement():
@@ -244,6 +261,10 @@ def test_report_with_a_failed_and_a_missing_measurement():
     assert "sampling speed vs HF generate: n/a (FAILED: ValueError: no)" in md
     assert "| sampling engine | FAILED: ValueError: no |" in md
     assert "– vs TRL" in md  # ratios against a failed baseline are shown as missing
+    del res["measurements"]["rloo_step"]
+    md = render_markdown(res)
+    assert "RLOO step speed vs TRL RLOOTrainer: n/a (not run) (target >= 2x)" in md
+    assert "| RLOO step | not run |" in md
 
 
 def test_outputs_are_written_atomically(tmp_path):
@@ -259,9 +280,11 @@ def test_outputs_are_written_atomically(tmp_path):
 def test_default_sizes_fit_the_budget_and_quick_is_tiny():
     from bench.run import QUICK, Sizes, estimate_seconds, plan
 
-    assert estimate_seconds(Sizes()) <= 65 * 60  # issue 9's ~55 min + issue 18's sampling measurement (~6 min)
+    # issue 9's ~55 min + issue 18's sampling (~6 min) and RLOO step (~4 min) measurements
+    assert estimate_seconds(Sizes()) <= 70 * 60
     quick = Sizes(**QUICK)
     assert quick.n_train <= 16 and quick.n_eval <= 16 and quick.n_sweep <= 16 and quick.matmul_repeats <= 3
+    assert quick.rloo_steps <= 2 and quick.rloo_prompts * quick.rloo_k * quick.rloo_completion_tokens <= 64
     assert [n for n, _ in plan()] == list(report.MEASUREMENTS)
     from rmlib.reward.variants import VARIANTS
 
