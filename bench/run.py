@@ -49,6 +49,10 @@ class Sizes:
     sampling_batches: list[int] = field(default_factory=lambda: [32, 128, 256])  # issue 18's batch sizes
     sampling_prompt_tokens: int = 40
     sampling_new_tokens: int = 64
+    bon_prompts: int = 16  # Best-of-N cost (issue 18): notebook 04's N, max_new_tokens and gold + 8 proxies
+    bon_samples: int = 16
+    bon_max_new_tokens: int = 80
+    bon_proxies: int = 8
     matmul_sizes: list[int] = field(default_factory=lambda: [2048, 3072])  # peak = best median over sizes
     matmul_repeats: int = 5
     max_length: int = 256
@@ -62,7 +66,8 @@ class Sizes:
 
 # --quick: a handful of pairs (2 training steps), one repeat: proves every measurement runs end to end
 QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen_samples=16, gen_max_new_tokens=8,
-             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8)
+             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8,
+             bon_prompts=2, bon_samples=4, bon_max_new_tokens=8, bon_proxies=2)
 
 
 def plan() -> list[tuple[str, dict]]:
@@ -80,6 +85,7 @@ def plan() -> list[tuple[str, dict]]:
         ("scoring", {}),
         ("generation", {}),
         ("sampling", {}),
+        ("bon_cost", {}),
         ("sweep_one", {"variants": ["bt"]}),
         ("sweep", {"variants": list(SWEEP_VARIANTS)}),
     ]
@@ -98,7 +104,12 @@ def estimate_seconds(z: Sizes) -> float:
     gen = z.gen_prompts * z.gen_samples * z.gen_max_new_tokens / 200 + z.gen_prompts * z.gen_max_new_tokens / 15
     sampling = sum(z.sampling_batches) * z.sampling_new_tokens * (1 / SAMPLING_RATES["hf"] + 1 / SAMPLING_RATES["raw"]
                                                                   + 1 / SAMPLING_RATES["rmlib"])
-    return (12 * 20 + 5
+    bon_samples = z.bon_prompts * z.bon_samples
+    bon = (2 * bon_samples * z.bon_max_new_tokens * 0.75 / 280  # sampling twice (~3/4 of max_new_tokens, batch 32)
+           + bon_samples / 3  # the store build of the path without capture
+           + 2 * (1 + z.bon_proxies) * (3 + bon_samples / 40)  # two scorings: load + top layers per model
+           + 4 * (1 + z.bon_proxies))  # building, saving, and looking up the models
+    return (13 * 20 + 5 + bon
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept

@@ -29,7 +29,7 @@ from rmlib.model.bottom_store import BottomStore
 from rmlib.model.decoding import DecodeLoop
 from rmlib.model.encoding import encode_prompt_replies, format_prompt
 from rmlib.model.generation import split_response
-from rmlib.model.reward_model import ModelSpec, build_reward_model
+from rmlib.model.reward_model import ModelSpec, build_reward_model, load_reward_model
 from rmlib.model.scoring import score_replies
 
 STOPS = [2, 0]
@@ -207,7 +207,7 @@ def test_sample_responses_captures_and_resumes(tiny_backbone, tokenizer, tmp_pat
     path = tmp_path / "captured.jsonl"
     df = sample_responses(policy, tokenizer, msgs, ["a", "b"], out_path=path, capture_store=store, **kw)
     assert df["response_ids"].tolist() == plain["response_ids"].tolist()
-    assert df.attrs["capture"].startswith("captured 6 replies")
+    assert df.attrs["capture"]["captured"] == 6 and not df.attrs["capture"]["fallback"]
     prompts, replies = encode_prompt_replies(tokenizer, list(df["messages"]), list(df["response"]))
     assert store.refresh().missing([(p, [r]) for p, r in zip(prompts, replies)]) == []
     rows = store.rows
@@ -221,3 +221,49 @@ def test_sample_responses_captures_and_resumes(tiny_backbone, tokenizer, tmp_pat
     assert more[more["sample_index"] < 3]["response_ids"].tolist() == df["response_ids"].tolist()
     prompts, replies = encode_prompt_replies(tokenizer, list(more["messages"]), list(more["response"]))
     assert store.refresh().missing([(p, [r]) for p, r in zip(prompts, replies)]) == []
+
+
+def test_best_of_n_sample_policy_captures_for_saved_reward_models(tokenizer, tmp_path, monkeypatch):
+    """``bon_runs.sample_policy(capture_for=)`` on saved folders, then ``score_with_all``: only the top
+    layers run, and the scores equal the plain path's. The backbone's weights are bf16 values (as
+    SmolLM2's are), so the float32 policy and the bf16-saved reward model have the same bottom."""
+    import pandas as pd
+
+    from rmlib.analysis import bon_runs
+    from rmlib.model.reward_model import save_reward_model
+
+    monkeypatch.setenv("RMLIB_CACHE_DIR", str(tmp_path / "cache"))
+    backbone = tmp_path / "backbone"
+    make_tiny_lm(tokenizer, layers=4).to(torch.bfloat16).float().save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    lm = make_tiny_lm(tokenizer, layers=4).to(torch.bfloat16).float()
+    rms = {}
+    for name, seed in (("gold", 0), ("proxy", 1)):
+        rm = build_reward_model(ModelSpec(backbone=str(backbone), mode="topk", top_k_layers=2),
+                                lm=copy.deepcopy(lm), seed=seed)
+        rms[name] = save_reward_model(rm, tmp_path / name, tokenizer)
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"],
+                            "messages": [[{"role": "user", "content": "Hi."}],
+                                         [{"role": "user", "content": "Name a colour."}]]})
+    df = bon_runs.sample_policy(str(backbone), prompts, tmp_path / "s.jsonl", n=3, max_new_tokens=6, bf16=False,
+                                progress=False, capture_for=rms)
+    store = bon_runs.capture_store_for(rms, bf16=False)
+    info = df.attrs["capture"]
+    assert info["captured"] > 0 and info["captured"] + info["present"] + sum(info["fallback"].values()) == len(df)
+    prompts_ids, replies = encode_prompt_replies(tokenizer, list(df["messages"]), list(df["response"]))
+    groups = [(p, [r]) for p, r in zip(prompts_ids, replies)]
+    # a random tiny model samples arbitrary tokens, and a few are re-encoded differently: only those are missing
+    assert sum(len(rs) for _, _, rs in store.missing(groups)) == sum(info["fallback"].values())
+    scores = bon_runs.score_with_all(rms, df, tmp_path / "scores.jsonl", bf16=False, progress=False)
+    assert store.refresh().missing(groups) == []  # the first model built the fallback rows, the second used them
+    for name, path in rms.items():
+        model = load_reward_model(path)
+        plain, _ = score_replies(model, prompts_ids, replies, bf16=False, progress=False, use_store=False)
+        torch.testing.assert_close(torch.tensor(scores[name].to_numpy()), torch.from_numpy(plain),
+                                   atol=2e-4, rtol=1e-4)
+    other = tmp_path / "other_backbone"
+    make_tiny_lm(tokenizer, seed=3, layers=4).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match="not the one of the bottom store"):
+        bon_runs.sample_policy(str(other), prompts, tmp_path / "o.jsonl", n=1, max_new_tokens=2, bf16=False,
+                               progress=False, capture_for=rms)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 
 from rmlib.model.bottom_store import BottomStore, prompt_digest, reply_digest, store_key
+from rmlib.model.encoding import encode_prompt_replies
 from rmlib.model.layers import unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -139,12 +140,11 @@ def rm_encoder(rm_tokenizer, decode: Callable[[list[int]], str], messages: Calla
                stop_ids, max_length: int | None = None):
     """``encode(row, generated)`` for ``StoreCapture.begin``: what scoring the sample does
     (``rmlib.model.score_cache.score_samples`` -> ``encode_prompt_replies``) to (row's prompt messages, the
-    reply text ``decode`` makes of the generated ids before the first stop token)."""
-    from rmlib.model.encoding import encode_prompt_replies
-    from rmlib.model.generation import split_response
+    reply text ``decode`` makes of the generated ids before the first stop token, as ``split_response``)."""
+    stops = {int(t) for t in stop_ids}
 
     def encode(row: int, generated: list[int]):
-        reply, _ = split_response(generated, stop_ids)
+        reply = generated[: next((k for k, t in enumerate(generated) if t in stops), len(generated))]
         prompt_ids, reply_ids = encode_prompt_replies(rm_tokenizer, [messages(row)], [decode(reply)], max_length)
         return prompt_ids[0], reply_ids[0]
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from rmlib.core.atomic_io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from rmlib.core.precision import resolve_bf16
+from rmlib.model.bottom_capture import StoreCapture, rm_encoder
 from rmlib.model.decoding import LEGACY_SAMPLER, SAMPLER, DecodeLoop, RowSampler  # noqa: F401  (RowSampler: re-export)
 from rmlib.model.encoding import format_prompt
 from rmlib.model.layers import unwrap_causal_lm
@@ -234,7 +235,8 @@ def sample_responses(
     bottom is the policy's: each sampled batch's entries (the samples as ``capture_tokenizer``, default
     ``tokenizer``, encodes them for scoring with ``capture_max_length``) are recorded while sampling and
     written before the batch's samples (``rmlib.model.bottom_capture``; ValueError if the policy's bottom
-    is not the store's). Samples are the same with and without it. ``df.attrs["capture"]`` reports it.
+    is not the store's). Samples are the same with and without it. ``df.attrs["capture"]``: counts of rows captured,
+    found stored already and left to the plain build (by reason), and a one-line report.
     """
 
     ids = _check_sampling_args(prompts, prompt_ids, n, batch_size, max_new_tokens, temperature, top_p)
@@ -268,8 +270,6 @@ def sample_responses(
 
     capture = None
     if capture_store is not None and todo:
-        from rmlib.model.bottom_capture import StoreCapture, rm_encoder
-
         capture = StoreCapture(capture_store, policy, sampler.bf16)
     if todo:
         prompt_tokens = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for units in todo for i, _ in units}
@@ -308,7 +308,8 @@ def sample_responses(
         stored_prompts.setdefault(pid, {"prompt_id": pid, "messages": m, "prompt": text})
     frame = _frame(stored_prompts, [stored[(pid, s)] for pid in ids for s in range(n)])
     if capture is not None:
-        frame.attrs["capture"] = capture.report()
+        frame.attrs["capture"] = {"captured": capture.captured, "present": capture.present,
+                                  "fallback": dict(capture.fallback), "report": capture.report()}
         (logger.warning if capture.fallback else logger.info)("%s: %s", out_path, capture.report())
     return frame
 
