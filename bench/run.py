@@ -49,7 +49,7 @@ class Sizes:
     sampling_batches: list[int] = field(default_factory=lambda: [32, 128, 256])  # issue 18's batch sizes
     sampling_prompt_tokens: int = 40
     sampling_new_tokens: int = 64
-    bon_prompts: int = 16  # Best-of-N cost (issue 18): notebook 04's N, max_new_tokens and gold + 8 proxies
+    bon_prompts: int = 12  # Best-of-N cost (issue 18): notebook 04's N, max_new_tokens and gold + 8 proxies (~4 min)
     bon_samples: int = 16
     bon_max_new_tokens: int = 80
     bon_proxies: int = 8
@@ -106,9 +106,9 @@ def estimate_seconds(z: Sizes) -> float:
                                                                   + 1 / SAMPLING_RATES["rmlib"])
     bon_samples = z.bon_prompts * z.bon_samples
     bon = (2 * bon_samples * z.bon_max_new_tokens * 0.75 / 280  # sampling twice (~3/4 of max_new_tokens, batch 32)
-           + bon_samples / 3  # the store build of the path without capture
-           + 2 * (1 + z.bon_proxies) * (3 + bon_samples / 40)  # two scorings: load + top layers per model
-           + 4 * (1 + z.bon_proxies))  # building, saving, and looking up the models
+           + bon_samples / 6  # the store build of the path without capture (cpu-facts: ~3 pairs/s)
+           + 2 * (1 + z.bon_proxies) * (3 + bon_samples / 150)  # two scorings: load + top layers per model
+           + 6 * (1 + z.bon_proxies))  # building, saving, and looking up the models
     return (13 * 20 + 5 + bon
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full

@@ -21,9 +21,11 @@ non-canonical tokenization); ``fallback`` counts the reasons, and a warning says
 Exactness: the states of a causal decoder at a token depend only on the tokens up to it, so the
 captured states are the store's up to floating-point effects: left padding, a batch of other
 shapes, the decode loop's attention kernel (``decode_attention``: float32 scores from the cached
-keys, sdpa in the store build). In float32 that is ~1e-6 relative; under bf16 autocast the two paths
-round differently (~1e-2 relative at worst, the size of bf16 autocast's own error), and the bf16
-storage rounds both anyway.
+keys, sdpa in the store build). In float32 that is ~2e-7 relative (tests/test_bottom_capture.py);
+under bf16 autocast the two paths round differently: on SmolLM2-135M (layer 26, 31 samples of 32
+tokens) the captured entries differ from a separate build by 1e-3 relative (L2, median; max 1.4e-3),
+below the bf16 storage's own rounding, and rewards through them are within 0.03 of the plain path
+(reward std 0.42), as through the separately built store (0.04).
 
 Refusal: the store key covers the bottom weights (a digest), their dtype, the storage dtype and
 autocast; ``StoreCapture`` raises ``ValueError`` unless the policy's bottom gives exactly the store's

@@ -25,6 +25,9 @@ in a temp folder and renamed into place, at most every ``shard_rows`` rows, so a
 keeps every finished shard and a rerun computes only what is missing. Entry keys are BLAKE2b
 digests of the token ids (a reply's key covers its prompt: its activations depend on it).
 
+Entries can also come from elsewhere (``BottomStore.put``): ``rmlib.model.bottom_capture`` records
+them while the base policy samples, when its bottom is this store's (the key is checked).
+
 Ours because no library does it: transformers and peft cache keys/values within one generate call,
 never a frozen bottom's activations across models, runs and processes.
 

@@ -14,7 +14,11 @@
    step drawn from the row's own ``torch.Generator``); the uniforms of a row are drawn up front
    (``torch.rand(max_new_tokens)`` on a CPU generator is the same stream as one draw per step);
 4. stop tokens end a row; finished rows are dropped from the batch (cache, mask, positions) once
-   a quarter of it has finished, and the loop stops when every row has.
+   a quarter of it has finished, and the loop stops when every row has;
+5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one decoder layer are
+   recorded for each row's prompt and continuation, and a row that stopped is completed to a given
+   target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding the
+   missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so.
 
 A row's tokens depend only on its prompt and seed, never on its batch-mates (up to floating-point
 effects of the batch shape). ``SAMPLER`` names this engine in sample files' meta data
