@@ -324,6 +324,13 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
                      f"{sp['new_tokens']} new tokens (HF generate: {r['hf_generate']['tokens_per_second']:.1f} tok/s)",
                      _f(r["rmlib"]["tokens_per_second"], ".1f", " tok/s"), _x(big["vs_hf"]) + " vs HF generate", "–",
                      _pct(big["of_raw"]) + " of raw decode", _rss(results, "sampling")])
+    if not missing("bon_cost", "Best-of-N cost"):
+        b = _result(results, "bon_cost")
+        total = b["capture"]["sample_seconds"] + b["capture"]["score_seconds"]
+        rows.append([f"Best-of-N: sample {b['samples']} ({b['prompts']} prompts x {b['samples_per_prompt']}) + score by "
+                     f"{b['reward_models']} top-{b['top_k_layers']} RMs, bottom captured while sampling",
+                     _f(b["samples"] / total if total else None, ".2f", " samples/s"),
+                     _x(s.get("bon_ratio")) + " cost vs sampling alone", "–", "–", _rss(results, "bon_cost")])
     if not missing("sweep_one", "one BT run"):
         o = _result(results, "sweep_one")
         rows.append([f"one BT run, mode topk, {o['pairs']} pairs, fresh store (load + store + train)",
