@@ -489,6 +489,9 @@ def measure_bon_cost(spec: dict) -> dict:
                                        seed=z["seed"] + k)
             rms[name] = save_reward_model(model, root / name, tok)
             del model
+        t0 = time.perf_counter()
+        load_reward_model(rms["gold"])  # what each scoring does per model (the files are in the page cache)
+        load_s = time.perf_counter() - t0
         policy = load_causal_lm(spec["backbone"]).eval()  # float32: the reward models' dtype (the store key's)
         kw = {"n": z["bon_samples"], "batch_size": z["gen_batch"], "max_new_tokens": z["bon_max_new_tokens"],
               "seed": z["seed"], "progress": False}
@@ -534,7 +537,7 @@ def measure_bon_cost(spec: dict) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"prompts": len(prompts), "samples_per_prompt": z["bon_samples"], "samples": len(df),
             "max_new_tokens": z["bon_max_new_tokens"], "batch_size": z["gen_batch"], "reward_models": len(rms),
-            "top_k_layers": z["top_k_layers"], "tokens": tokens,
+            "top_k_layers": z["top_k_layers"], "tokens": tokens, "rm_load_seconds": load_s,
             "sampling_seconds": sample_s, "plain": {"score_seconds": plain_score_s},
             "capture": {"sample_seconds": capture_sample_s, "score_seconds": capture_score_s,
                         "store_lookup_seconds": lookup_s, "captured": info["captured"], "present": info["present"],

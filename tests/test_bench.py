@@ -128,7 +128,7 @@ def made_up_results() -> dict:
                                        "steps": 64, "compactions": 1}}
                             for b, hf, raw, rm in ((32, 100.0, 150.0, 140.0), (256, 100.0, 300.0, 260.0))]}, 1.5),
         "bon_cost": _m({"prompts": 12, "samples_per_prompt": 16, "samples": 192, "max_new_tokens": 80,
-                        "batch_size": 32, "reward_models": 9, "top_k_layers": 4, "tokens": 12000,
+                        "batch_size": 32, "reward_models": 9, "top_k_layers": 4, "tokens": 12000, "rm_load_seconds": 2.0,
                         "sampling_seconds": 60.0, "plain": {"score_seconds": 45.0},
                         "capture": {"sample_seconds": 62.0, "score_seconds": 16.0, "store_lookup_seconds": 20.0,
                                     "captured": 190, "present": 0, "fallback": {"a reason": 2}},
@@ -203,7 +203,7 @@ def test_report_has_every_row_and_one_exact_ratio_line():
     assert bon == ["Best-of-N cost per sample vs sampling alone: 1.30x (target <= 1.3x); without capture (the store "
                    "built when scoring): 1.75x; peak RSS 2.50 GiB"]
     for text in ["## Best-of-N cost (issue 18)", "Captured 190 samples, 2 left to the plain build",
-                 "Sampling alone 60.0 s; with capture 62.0 s + scoring 16.0 s", "2.46 samples/s",
+                 "Sampling alone 60.0 s; with capture 62.0 s + scoring 16.0 s", "2.46 samples/s", "2.0 s each",
                  "1.30x cost vs sampling alone"]:
         assert text in md, text
     assert "QUICK" not in md and "Warning" not in md
