@@ -468,7 +468,12 @@ def measure_bon_cost(spec: dict) -> dict:
     from rmlib.analysis import bon_runs
     from rmlib.model.assets import load_causal_lm, load_tokenizer
     from rmlib.model.generation import sample_responses
-    from rmlib.model.reward_model import ModelSpec, build_reward_model, load_reward_model, save_reward_model
+    from rmlib.model.reward_model import (
+        ModelSpec,
+        build_reward_model,
+        load_reward_model,
+        save_reward_model,
+    )
 
     z = spec["sizes"]
     tok = load_tokenizer(spec["backbone"])
