@@ -119,7 +119,7 @@ class _BatchSampler:
             self.policy.train(was_training)
 
     def __call__(self, prompts: list[list[int]], seeds: list[int], capture=None) -> list[list[int]]:
-        return self.loop(prompts, seeds, capture=capture)
+        return self.loop(prompts, seeds) if capture is None else self.loop(prompts, seeds, capture=capture)
 
 
 def split_response(ids: list[int], stop_token_ids) -> tuple[list[int], bool]:
