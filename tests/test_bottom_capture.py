@@ -291,3 +291,16 @@ def test_bf16_autocast_capture_matches_a_separate_bf16_build(policy, rm, tokeniz
     for p, r in zip(p_ids, r_ids):
         got, want = store.sequence(p, r).float(), built.sequence(p, r).float()
         assert float((got - want).norm() / want.norm()) <= 1e-2
+
+
+def test_put_checks_shapes_and_skips_stored_keys(rm, tmp_path):
+    store = new_store(rm, tmp_path / "s")
+    h = torch.randn(3, store.hidden_size)
+    assert store.put({"k1": h, "k2": h[:1]}) == 2 and store.rows == 4
+    torch.testing.assert_close(torch.from_numpy(store._rows("k1").copy()), h)
+    assert store.put({"k1": h}) == 0 and store.rows == 4  # already stored: no new shard
+    with pytest.raises(ValueError, match=r"expected \(n >= 1, 32\)"):
+        store.put({"k3": torch.randn(2, store.hidden_size + 1)})
+    with pytest.raises(ValueError, match="k4"):
+        store.put({"k4": torch.zeros(0, store.hidden_size)})
+    assert len(list(tmp_path.glob("s/shard-*"))) == 1
