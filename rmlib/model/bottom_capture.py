@@ -35,7 +35,6 @@ dtype (``load_reward_model``: float32; the matmuls run in bf16 under autocast ei
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable
 
@@ -44,8 +43,6 @@ import torch
 from rmlib.model.bottom_store import BottomStore, prompt_digest, reply_digest, store_key
 from rmlib.model.encoding import encode_prompt_replies
 from rmlib.model.layers import unwrap_causal_lm
-
-logger = logging.getLogger(__name__)
 
 # steps after the last sampling step that complete captured rows: the end-of-turn tokens the RM's
 # formatting adds, plus the last sampled token when a reply was cut at max_new_tokens
