@@ -38,7 +38,7 @@ test-unit: $(STAMP)
 test-dist: $(STAMP)
 	$(PY) -m pytest -q -m dist tests
 
-## Speed benchmark (issues 9, 3 and 18): bench/results.md + bench/results.json (~62 min on a quiet 2-core machine)
+## Speed benchmark (issues 9, 3 and 18): bench/results.md + bench/results.json (~71 min on a quiet 2-core machine)
 bench: $(STAMP)
 	$(PY) -m bench.run
 

@@ -544,6 +544,99 @@ def measure_rloo_step(spec: dict) -> dict:
     return {"prompts_per_step": z["rloo_prompts"], "k": z["rloo_k"], "completion_tokens": z["rloo_completion_tokens"],
             "beta": z["rloo_beta"], "steps": z["rloo_steps"], "policy_top_k": z["rloo_policy_top_k"],
             "rm_top_k": z["top_k_layers"], **parts}
+def measure_bon_cost(spec: dict) -> dict:
+    """Best-of-N cost per sample: sampling N replies for each of ``bon_prompts`` HH prompts (as
+    notebook 04 does: ``sample_responses``, batch ``gen_batch``, T=0.7, top-p 0.95) then scoring every
+    sample by a gold and ``bon_proxies`` proxy top-k reward models (``bon_runs.score_with_all`` on saved
+    folders, one model loaded at a time), against sampling alone.
+
+    Three timed phases: (1) sampling alone; (2) scoring those samples with a fresh bottom store (the
+    store build: a second forward through the bottom; the path without capture); (3) sampling again
+    with the bottom captured into a fresh store (``capture_store``), then scoring (top layers only).
+    The reward models are built from the backbone (head seeds differ) and saved as notebook 04's are;
+    their weights are untrained, which changes no cost. The lookup of the store the models share
+    (``bon_runs.capture_store_for``: each model loaded once) is timed apart (once per run, any N)."""
+    import shutil
+
+    from rmlib.analysis import bon_runs
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.model.generation import sample_responses
+    from rmlib.model.reward_model import (
+        ModelSpec,
+        build_reward_model,
+        load_reward_model,
+        save_reward_model,
+    )
+
+    z = spec["sizes"]
+    tok = load_tokenizer(spec["backbone"])
+    prompts = generation_prompts(tok, z["bon_prompts"], z["gen_max_prompt_tokens"], z["seed"])
+    ids = [f"p{i}" for i in range(len(prompts))]
+    root = Path(tempfile.mkdtemp(prefix="bon-cost-"))
+    base_cache = os.environ.get("RMLIB_CACHE_DIR")
+    try:
+        rms = {}
+        log(f"building and saving 1 gold + {z['bon_proxies']} proxy top-{z['top_k_layers']} reward models")
+        for k in range(1 + z["bon_proxies"]):
+            name = "gold" if k == 0 else f"proxy_{k}"
+            model = build_reward_model(ModelSpec(backbone=spec["backbone"], mode="topk", top_k_layers=z["top_k_layers"]),
+                                       seed=z["seed"] + k)
+            rms[name] = save_reward_model(model, root / name, tok)
+            del model
+        t0 = time.perf_counter()
+        load_reward_model(rms["gold"])  # what each scoring does per model (the files are in the page cache)
+        load_s = time.perf_counter() - t0
+        policy = load_causal_lm(spec["backbone"]).eval()  # float32: the reward models' dtype (the store key's)
+        kw = {"n": z["bon_samples"], "batch_size": z["gen_batch"], "max_new_tokens": z["bon_max_new_tokens"],
+              "seed": z["seed"], "progress": False}
+        log("warm-up (2 prompts, 4 new tokens)")
+        sample_responses(policy, tok, prompts[:2], ids[:2], out_path=root / "warm.jsonl", **{**kw, "max_new_tokens": 4})
+
+        def fresh_cache(name: str) -> None:  # store_for looks in RMLIB_CACHE_DIR: a fresh one per path
+            os.environ["RMLIB_CACHE_DIR"] = str(root / f"cache-{name}")
+
+        fresh_cache("plain")
+        t0 = time.perf_counter()
+        df = sample_responses(policy, tok, prompts, ids, out_path=root / "plain.jsonl", **kw)
+        sample_s = time.perf_counter() - t0
+        tokens = int(df["n_tokens"].sum() + df["finished"].sum())
+        log(f"sampling alone: {len(df)} samples, {tokens} tokens in {sample_s:.1f} s")
+        t0 = time.perf_counter()
+        plain_scores = bon_runs.score_with_all(rms, df, root / "plain-scores.jsonl", progress=False)
+        plain_score_s = time.perf_counter() - t0
+        log(f"scoring by {len(rms)} models with a fresh store (its build included): {plain_score_s:.1f} s")
+
+        fresh_cache("capture")
+        t0 = time.perf_counter()
+        store = bon_runs.capture_store_for(rms)
+        lookup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dfc = sample_responses(policy, tok, prompts, ids, out_path=root / "capture.jsonl", capture_store=store, **kw)
+        capture_sample_s = time.perf_counter() - t0
+        info = dfc.attrs["capture"]
+        log(f"sampling with capture: {capture_sample_s:.1f} s; {info['report']}")
+        t0 = time.perf_counter()
+        capture_scores = bon_runs.score_with_all(rms, dfc, root / "capture-scores.jsonl", progress=False)
+        capture_score_s = time.perf_counter() - t0
+        log(f"scoring by {len(rms)} models through the captured store: {capture_score_s:.1f} s (store lookup "
+            f"{lookup_s:.1f} s, apart)")
+        same = dfc["response_ids"].tolist() == df["response_ids"].tolist()
+        diff = float(np.nanmax(np.abs(capture_scores[list(rms)].to_numpy() - plain_scores[list(rms)].to_numpy()))) \
+            if same else None
+    finally:
+        if base_cache is None:
+            os.environ.pop("RMLIB_CACHE_DIR", None)
+        else:
+            os.environ["RMLIB_CACHE_DIR"] = base_cache
+        shutil.rmtree(root, ignore_errors=True)
+    return {"prompts": len(prompts), "samples_per_prompt": z["bon_samples"], "samples": len(df),
+            "max_new_tokens": z["bon_max_new_tokens"], "batch_size": z["gen_batch"], "reward_models": len(rms),
+            "top_k_layers": z["top_k_layers"], "tokens": tokens, "rm_load_seconds": load_s,
+            "sampling_seconds": sample_s, "plain": {"score_seconds": plain_score_s},
+            "capture": {"sample_seconds": capture_sample_s, "score_seconds": capture_score_s,
+                        "store_lookup_seconds": lookup_s, "captured": info["captured"], "present": info["present"],
+                        "fallback": info["fallback"]},
+            "same_samples": same, "max_abs_score_diff_capture_vs_plain": diff}
 
 
 def measure_sweep(spec: dict) -> dict:
@@ -588,6 +681,7 @@ MEASURE = {
     "generation": measure_generation,
     "sampling": measure_sampling,
     "rloo_step": measure_rloo_step,
+    "bon_cost": measure_bon_cost,
     "sweep_one": measure_sweep,
     "sweep": measure_sweep,
 }

@@ -26,6 +26,8 @@ SAMPLING_TARGET_VS_HF = 2.5
 SAMPLING_TARGET_OF_RAW = 0.8
 RLOO_LINE_PREFIX = "RLOO step speed vs TRL RLOOTrainer: "
 RLOO_TARGET = 2.0  # issue 18: rmlib's RLOO step >= 2x TRL's
+BON_LINE_PREFIX = "Best-of-N cost per sample vs sampling alone: "
+BON_TARGET = 1.3  # issue 18: sample + score by the gold RM and every proxy, per sample, vs sampling alone
 ALL_PAIRS_LINE_PREFIX = "all-pairs training speed vs TRL RewardTrainer: "
 # the six losses of issue 9, by their names in rmlib.reward.variants.VARIANTS (bench.run checks them first)
 SWEEP_VARIANTS = ("bt", "bsr", "center", "grm", "grm_dpo_noref", "bsr_grm")
@@ -43,6 +45,8 @@ MEASUREMENTS: dict[str, str] = {
     "generation": "generation: sample_responses batch 32 / batch-1 generate",
     "sampling": "sampling engine: rmlib DecodeLoop / HF generate / raw decode forward, several batch sizes",
     "rloo_step": "RLOO step: rmlib shared-bottom top-k RLOO vs TRL RLOOTrainer (plain), same policy and sizes",
+    "bon_cost": "Best-of-N cost: sample + score by a gold and every proxy top-k RM (bottom captured while sampling) "
+                "vs sampling alone",
     "sweep_one": "one BT run, mode topk, fresh store",
     "sweep": "6-loss sweep, mode topk, fresh store",
 }
@@ -193,6 +197,11 @@ def summarize(results: dict) -> dict[str, Any]:
     rl = _result(results, "rloo_step")
     if rl:
         s["rloo_ratio"] = ratio(rl["trl"]["median_step_seconds"], rl["rmlib"]["median_step_seconds"])
+    bon = _result(results, "bon_cost")
+    if bon:
+        alone = bon["sampling_seconds"]
+        s["bon_ratio"] = ratio(bon["capture"]["sample_seconds"] + bon["capture"]["score_seconds"], alone)
+        s["bon_ratio_plain"] = ratio(alone + bon["plain"]["score_seconds"], alone)
     one, sweep = _result(results, "sweep_one"), _result(results, "sweep")
     if one and sweep:
         s["sweep_ratio"] = ratio(sweep["total_seconds"], one["total_seconds"])
@@ -329,6 +338,13 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
         rows.append(["RLOO step, rmlib shared bottom (mode topk), same sizes",
                      _f(rl["rmlib"]["median_step_seconds"], ".1f", " s/step"), _x(s["rloo_ratio"]) + " vs TRL", "–",
                      "–", _gib(rl["rmlib"]["peak_rss_bytes"])])
+    if not missing("bon_cost", "Best-of-N cost"):
+        b = _result(results, "bon_cost")
+        total = b["capture"]["sample_seconds"] + b["capture"]["score_seconds"]
+        rows.append([f"Best-of-N: sample {b['samples']} ({b['prompts']} prompts x {b['samples_per_prompt']}) + score by "
+                     f"{b['reward_models']} top-{b['top_k_layers']} RMs, bottom captured while sampling",
+                     _f(b["samples"] / total if total else None, ".2f", " samples/s"),
+                     _x(s.get("bon_ratio")) + " cost vs sampling alone", "–", "–", _rss(results, "bon_cost")])
     if not missing("sweep_one", "one BT run"):
         o = _result(results, "sweep_one")
         rows.append([f"one BT run, mode topk, {o['pairs']} pairs, fresh store (load + store + train)",
@@ -391,6 +407,7 @@ def target_rows(results: dict, s: dict) -> list[list[str]]:
     rr = s.get("rloo_ratio")
     rows.append([f"RLOO step >= {RLOO_TARGET:.0f}x TRL RLOOTrainer (issue 18)", _x(rr),
                  _yes_no(None if rr is None else rr >= RLOO_TARGET)])
+    rows.append(bon_target_row(results, s))
     rss = [m.get("peak_rss_bytes") for m in results.get("measurements", {}).values() if m.get("peak_rss_bytes")]
     rows.append(["`make reproduce` (cpu) < 60 min, peak RSS < 8 GiB",
                  f"not measured by `make bench`; largest peak RSS of a measurement here: {_gib(max(rss) if rss else None)}",
@@ -408,6 +425,23 @@ def sampling_line(s: dict, why_missing: str = "") -> str:
     others = "; ".join(f"batch {r['batch']}: {_x(r['vs_hf'])}, {_pct(r['of_raw'])} of raw" for r in sp[:-1])
     return (SAMPLING_LINE_PREFIX + f"{big['vs_hf']:.2f}x at batch {big['batch']} ({_pct(big['of_raw'])} of the raw "
             f"decode throughput)" + (f"; {others}" if others else ""))
+
+
+def bon_line(results: dict, s: dict, why_missing: str = "") -> str:
+    """``Best-of-N cost per sample vs sampling alone: N.NNx (target <= 1.3x)``, then the path without
+    capture and the peak RSS; or ``n/a (...)``."""
+    r = s.get("bon_ratio")
+    if r is None:
+        return BON_LINE_PREFIX + f"n/a ({why_missing or 'not measured'})"
+    return (BON_LINE_PREFIX + f"{r:.2f}x (target <= {BON_TARGET}x); without capture (the store built when scoring): "
+            f"{_x(s.get('bon_ratio_plain'))}; peak RSS {_rss(results, 'bon_cost')}")
+
+
+def bon_target_row(results: dict, s: dict) -> list[str]:
+    r = s.get("bon_ratio")
+    return [f"Best-of-N cost per sample (sample + score by the gold RM and every proxy) <= {BON_TARGET}x sampling "
+            "alone (issue 18)", f"{_x(r)} (without capture {_x(s.get('bon_ratio_plain'))}); peak RSS "
+            f"{_rss(results, 'bon_cost')}", _yes_no(None if r is None else r <= BON_TARGET)]
 
 
 def sampling_target_row(s: dict) -> list[str]:
@@ -511,6 +545,23 @@ def render_markdown(results: dict) -> str:
                 f"trainer (the first warms up), each trainer in its own process.", ""]
         out.append(_table(["trainer", "median s/step", "steps (s)", "mean completion tokens", "reference",
                            "shared-bottom rewards", "peak RSS"], rloo_rows(rl)))
+    out += ["## Best-of-N cost (issue 18)", "", bon_line(results, s, _status(results, "bon_cost") or ""), ""]
+    bon = _result(results, "bon_cost")
+    if bon:
+        c = bon["capture"]
+        fell = sum(c["fallback"].values())
+        out += [f"{bon['prompts']} HH prompts x {bon['samples_per_prompt']} samples ({bon['samples']}; {bon['tokens']} "
+                f"tokens), at most {bon['max_new_tokens']} new tokens, batch {bon['batch_size']}; scored by "
+                f"{bon['reward_models']} top-{bon['top_k_layers']} reward models (gold + proxies, saved folders, "
+                f"untrained weights: the cost is the same; each scoring loads every model from disk, "
+                f"{_f(bon.get('rm_load_seconds'), '.1f', ' s')} each, a cost per run that more samples amortize). "
+                f"Sampling alone {bon['sampling_seconds']:.1f} s; with "
+                f"capture {c['sample_seconds']:.1f} s + scoring {c['score_seconds']:.1f} s (store lookup "
+                f"{c['store_lookup_seconds']:.1f} s, once per run, not included); without capture scoring (its store "
+                f"build included) {bon['plain']['score_seconds']:.1f} s. Captured {c['captured']} samples, "
+                f"{fell} left to the plain build; the same samples with and without capture: "
+                f"{_yes_no(bon.get('same_samples'))}; largest score difference of the two paths: "
+                f"{_f(bon.get('max_abs_score_diff_capture_vs_plain'), '.2g')}.", ""]
     out += ["## Targets (issue 9)", ""]
     out.append(_table(["target", "this run", "met"], target_rows(results, s)))
     out += ["## Definitions and notes", ""]

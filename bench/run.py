@@ -1,6 +1,6 @@
 """`make bench`: rmlib vs TRL RewardTrainer and plain loops, measured in one run, one table.
 
-    .venv/bin/python -m bench.run            # full sizes (~70 min on a quiet 2-core machine)
+    .venv/bin/python -m bench.run            # full sizes (~71 min on a quiet 2-core machine)
     .venv/bin/python -m bench.run --quick    # every measurement on tiny sizes (minutes): a smoke check
 
 Each measurement (``bench.report.MEASUREMENTS``) runs in its own process (``python -m
@@ -56,6 +56,10 @@ class Sizes:
     rloo_beta: float = 0.05
     rloo_policy_top_k: int = 2  # trainable top layers of the policy (Coste et al. 2024)
     rloo_max_prompt_tokens: int = 128
+    bon_prompts: int = 12  # Best-of-N cost (issue 18): notebook 04's N, max_new_tokens and gold + 8 proxies (~4 min)
+    bon_samples: int = 16
+    bon_max_new_tokens: int = 80
+    bon_proxies: int = 8
     matmul_sizes: list[int] = field(default_factory=lambda: [2048, 3072])  # peak = best median over sizes
     matmul_repeats: int = 5
     max_length: int = 256
@@ -69,7 +73,9 @@ class Sizes:
 
 # --quick: a handful of pairs (2 training steps), one repeat: proves every measurement runs end to end
 QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen_samples=16, gen_max_new_tokens=8,
-             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8, rloo_prompts=2, rloo_completion_tokens=8, rloo_steps=2)
+             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8,
+             rloo_prompts=2, rloo_completion_tokens=8, rloo_steps=2,
+             bon_prompts=2, bon_samples=4, bon_max_new_tokens=8, bon_proxies=2)
 
 
 def plan() -> list[tuple[str, dict]]:
@@ -88,6 +94,7 @@ def plan() -> list[tuple[str, dict]]:
         ("generation", {}),
         ("sampling", {}),
         ("rloo_step", {}),
+        ("bon_cost", {}),
         ("sweep_one", {"variants": ["bt"]}),
         ("sweep", {"variants": list(SWEEP_VARIANTS)}),
     ]
@@ -108,7 +115,12 @@ def estimate_seconds(z: Sizes) -> float:
                                                                   + 1 / SAMPLING_RATES["rmlib"])
     # RLOO: ~30 s (TRL) + ~12 s (rmlib) per step of 16 completions x 64 tokens, + model loads and the RM build
     rloo = z.rloo_steps * 42 * z.rloo_prompts * z.rloo_k * z.rloo_completion_tokens / (16 * 64) + 60
-    return (12 * 20 + 5 + rloo
+    bon_samples = z.bon_prompts * z.bon_samples
+    bon = (2 * bon_samples * z.bon_max_new_tokens * 0.75 / 280  # sampling twice (~3/4 of max_new_tokens, batch 32)
+           + bon_samples / 6  # the store build of the path without capture (cpu-facts: ~3 pairs/s)
+           + 2 * (1 + z.bon_proxies) * (3 + bon_samples / 150)  # two scorings: load + top layers per model
+           + 6 * (1 + z.bon_proxies))  # building, saving, and looking up the models
+    return (14 * 20 + 5 + rloo + bon
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept
