@@ -27,12 +27,12 @@ reproduce: $(STAMP)
 
 ## Unit tests, then the notebooks under nbval on the smoke preset
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 	$(PY) -m rmlib.pipeline.reproduce --preset smoke --prepare-only --out runs/nbval
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider runs/nbval
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 
 ## The two-process accelerate tests alone (they also run in `make test`)
 test-dist: $(STAMP)
