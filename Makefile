@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick
+.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -53,3 +53,13 @@ lab: $(STAMP)
 
 clean-runs:
 	rm -rf runs/
+
+## Issue 20, on a machine with one CUDA GPU: GPU tests, one FSDP training, the GPU bench rows, the gpu_local
+## preset -> OUT (log, summary, bench, results, figures). GPU_CHECK_ARGS: e.g. --wheels .whl --data DIR
+OUT ?= runs/gpu_check
+gpu-check:
+	$(PYTHON_SYS) -m rmlib.pipeline.gpu_check $(OUT) $(GPU_CHECK_ARGS)
+
+## The same sequence on CPU at tiny sizes (smoke preset, bench --quick): rehearses gpu-check (~20 min here)
+gpu-check-dry: $(STAMP)
+	$(PY) -m rmlib.pipeline.gpu_check $(OUT)-dry --dry-run --wheels .whl $(GPU_CHECK_ARGS)

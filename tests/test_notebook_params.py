@@ -8,7 +8,12 @@ import json
 import pytest
 
 from rmlib.model.assets import MODELS
-from rmlib.pipeline.presets import NOTEBOOK_DIR, PARAMS_DIR, load_preset, notebook_parameters
+from rmlib.pipeline.presets import (
+    NOTEBOOK_DIR,
+    PARAMS_DIR,
+    load_preset,
+    notebook_parameters,
+)
 
 CPU = load_preset("cpu")
 STEMS = sorted(CPU["notebooks"])
