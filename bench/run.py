@@ -65,6 +65,10 @@ QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen
              matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8)
 
 
+# the measurements that run on a GPU with --device cuda (issue 20); the others are CPU-only
+CUDA_MEASUREMENTS = ("peak", "trl", "rmlib_full_kept", "sampling")
+
+
 def plan() -> list[tuple[str, dict]]:
     """(measurement name, extra spec fields), in run order."""
     from bench.report import SWEEP_VARIANTS
@@ -255,6 +259,11 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             print("--device cuda: this machine has no CUDA device", file=sys.stderr)
+            return 2
+        cpu_only = [n for n, _ in steps if (not only or n in only) and n not in CUDA_MEASUREMENTS]
+        if cpu_only:
+            print(f"--device cuda: {', '.join(cpu_only)} run on the CPU only; pass --only with some of "
+                  f"{', '.join(CUDA_MEASUREMENTS)}", file=sys.stderr)
             return 2
     bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", args.device)
     run_id = uuid.uuid4().hex[:12]
