@@ -60,6 +60,7 @@ OUT ?= runs/gpu_check
 gpu-check:
 	$(PYTHON_SYS) -m rmlib.pipeline.gpu_check $(OUT) $(GPU_CHECK_ARGS)
 
-## The same sequence on CPU at tiny sizes (smoke preset, bench --quick): rehearses gpu-check (~20 min here)
+## The same sequence on CPU at tiny sizes (smoke preset, bench --quick): rehearses gpu-check (~20 min here);
+## GPU_CHECK_ARGS="--payload .gpu" rehearses the payload too (made by rmlib.pipeline.gpu_payload pack)
 gpu-check-dry: $(STAMP)
-	$(PY) -m rmlib.pipeline.gpu_check $(OUT)-dry --dry-run --wheels .whl $(GPU_CHECK_ARGS)
+	$(PY) -m rmlib.pipeline.gpu_check $(OUT)-dry --dry-run $(GPU_CHECK_ARGS)

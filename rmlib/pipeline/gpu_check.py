@@ -262,7 +262,7 @@ def compare_runs(runs: str, n_train: int, n_eval: int, steps: int, max_length: i
     out["checks"]["export_scores_close"] = diff <= FSDP_TOL * max(scale, 1e-6)
     meta = json.loads((runs_dir / "fsdp" / "metrics.json").read_text())
     out["fsdp_active"] = device == "cuda"  # accelerate shards only on CUDA; on a CPU the launch is one plain process
-    out["steps"] = {k: json.loads((runs_dir / k / "metrics.json").read_text()).get("steps") for k in ("fsdp", "single")}
+    out["steps"] = {k: json.loads((runs_dir / k / "metrics.json").read_text())["metrics"]["steps"] for k in ("fsdp", "single")}
     out["checks"]["both_ran_every_step"] = out["steps"]["fsdp"] == out["steps"]["single"] == steps
     out["bf16"] = meta.get("config", {}).get("bf16")
     out["ok"] = all(out["checks"].values())
