@@ -81,6 +81,9 @@ def test_pack_names_the_missing_wheels_and_refuses_parts_over_the_call_limit(tmp
     monkeypatch.setattr(gpu_payload, "WHEEL_LIST", wheel_list)
     with pytest.raises(gpu_payload.PayloadError, match=r"lacks 2 wheel\(s\) .*gamma==3\.0, alpha==9\.9.*gpu_wheels\.sh"):
         gpu_payload.pack(wheels, data, tmp_path / ".gpu")
+    wheel_list.write_text("alpha==1.0\n")
+    with pytest.raises(gpu_payload.PayloadError, match=r"not in gpu_wheels\.txt: beta_pkg-2\.1-py3-none-any\.whl"):
+        gpu_payload.pack(wheels, data, tmp_path / ".gpu")
     wheel_list.write_text("alpha==1.0\nbeta-pkg==2.1\n")
     with pytest.raises(gpu_payload.PayloadError, match="--part-mb 64"):
         gpu_payload.pack(wheels, data, tmp_path / ".gpu", part_mb=64)

@@ -70,7 +70,8 @@ SIZES = {
         "bench": ["--device", "cuda", "--n-train", "1600", "--n-eval", "300", "--batch-pairs", "16",
                   "--eval-batch-pairs", "32", "--sampling-batches", "32,128,512", "--matmul-sizes", "4096,8192",
                   "--matmul-repeats", "10"],
-        "timeouts": {"payload": 120, "install": 180, "tests": 300, "fsdp": 300, "bench": 600, "preset": 540},
+        # one device call runs at most 600 s: payload..bench in one (~5 min expected), payload, install, preset in another
+        "timeouts": {"payload": 60, "install": 120, "tests": 180, "fsdp": 180, "bench": 360, "preset": 520},
     },
     "dry": {
         "preset": "smoke",

@@ -81,6 +81,10 @@ def pack(wheels: Path, data: Path, out: Path, part_mb: float = 56.0) -> list[Pat
     if missing:
         raise PayloadError(f"{wheels} lacks {len(missing)} wheel(s) of {WHEEL_LIST.name}: {', '.join(missing)}; "
                            f"fill it with scripts/gpu_wheels.sh {wheels} where pip reaches PyPI")
+    listed = {(_norm(r.partition("==")[0]), r.partition("==")[2]) for r in wanted_wheels()}
+    extra = [p.name for p in sorted(wheels.glob("*.whl")) if (_norm(p.name.split("-")[0]), p.name.split("-")[1]) not in listed]
+    if extra:  # a second version of a package stops the whole install there
+        raise PayloadError(f"{wheels} holds wheel(s) not in {WHEEL_LIST.name}: {', '.join(extra)}; remove them")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
