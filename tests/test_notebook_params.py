@@ -113,3 +113,32 @@ def test_a_preset_requiring_unknown_hardware_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(presets, "PARAMS_DIR", tmp_path)
     with pytest.raises(presets.PresetError, match="requires 'cuda'; allowed: cpu, gpu, multi_gpu"):
         presets.load_preset("typo")
+
+
+def test_gpu_local_asks_for_no_more_data_than_the_local_copy_holds(hh_pairs, tokenizer):
+    """The counts of notebooks 03, 04 and 05 fit the local data, with the notebooks' own selection
+    code (a count above what a side holds raises there, after minutes on the GPU)."""
+    from rmlib.analysis import scenarios, synthetic_gold
+    from rmlib.data import load_alpaca_eval_responses
+    from rmlib.rloo import prompts as rloo_prompts
+
+    spec = load_preset("gpu_local")
+    nb = {stem: {**parameters_cell_defaults(stem), **notebook_parameters("gpu_local", spec, stem)}
+          for stem in ("03_overopt_scenarios", "04_bon_curves", "05_rloo")}
+    responses = load_alpaca_eval_responses()
+    p = nb["03_overopt_scenarios"]
+    split3 = scenarios.make_scenarios(responses, n_train_pairs=p["n_train_pairs"],
+                                      max_pairs_per_prompt=p["max_pairs_per_prompt"], seed=p["seed"])
+    assert len(split3.train_pairs) == p["n_train_pairs"]
+    p = nb["04_bon_curves"]
+    split4 = synthetic_gold.make_gold_split(
+        responses, hh_pairs, bon_source=p["bon_source"], n_bon_prompts=p["n_bon_prompts"],
+        n_gold_alpaca=p["n_gold_alpaca"], n_gold_hh=p["n_gold_hh"], n_proxy_alpaca=p["n_proxy_alpaca"],
+        n_proxy_hh=p["n_proxy_hh"], prompt_frac_gold=p["prompt_frac_gold"],
+        max_pairs_per_prompt=p["max_pairs_per_prompt"], seed=p["seed"])
+    p = nb["05_rloo"]
+    sets = rloo_prompts.build_prompt_sets(p["n_train_prompts"], p["n_eval_prompts"], seed=p["seed"],
+                                          sources=p["prompt_sources"],
+                                          exclude=sorted(split4.prompts["gold"] | split4.prompts["proxy"]),
+                                          tokenizer=tokenizer, max_prompt_tokens=p["max_prompt_tokens"])
+    assert len(sets.train) == p["n_train_prompts"] and len(sets.eval) == p["n_eval_prompts"]
