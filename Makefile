@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick
+.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -27,12 +27,12 @@ reproduce: $(STAMP)
 
 ## Unit tests, then the notebooks under nbval on the smoke preset
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 	$(PY) -m rmlib.pipeline.reproduce --preset smoke --prepare-only --out runs/nbval
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider runs/nbval
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 
 ## The two-process accelerate tests alone (they also run in `make test`)
 test-dist: $(STAMP)
@@ -53,3 +53,14 @@ lab: $(STAMP)
 
 clean-runs:
 	rm -rf runs/
+
+## Issue 20, on a machine with one CUDA GPU: GPU tests, one FSDP training, the GPU bench rows, the gpu_local
+## preset -> OUT (log, summary, bench, results, figures). GPU_CHECK_ARGS: e.g. --wheels .whl --data DIR
+OUT ?= runs/gpu_check
+gpu-check:
+	$(PYTHON_SYS) -m rmlib.pipeline.gpu_check $(OUT) $(GPU_CHECK_ARGS)
+
+## The same sequence on CPU at tiny sizes (smoke preset, bench --quick): rehearses gpu-check (~20 min here);
+## GPU_CHECK_ARGS="--payload .gpu" rehearses the payload too (made by rmlib.pipeline.gpu_payload pack)
+gpu-check-dry: $(STAMP)
+	$(PY) -m rmlib.pipeline.gpu_check $(OUT)-dry --dry-run $(GPU_CHECK_ARGS)

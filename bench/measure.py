@@ -2,8 +2,10 @@
 
 ``bench.run`` starts each in a fresh process (its own peak RSS, its own fresh cache folder in
 ``RMLIB_CACHE_DIR``, so the bottom store is built from scratch) and reads RESULT.json. SPEC holds
-``name`` (a key of ``MEASURE``), ``backbone`` (the resolved model folder), ``sizes`` and
-``threads``. Every timing here is wall-clock ``time.perf_counter`` around the work alone.
+``name`` (a key of ``MEASURE``), ``backbone`` (the resolved model folder), ``sizes``,
+``threads`` and ``device`` (``cpu``, the default, or ``cuda``: ``bench.run --device cuda``, issue 20).
+Every timing here is wall-clock ``time.perf_counter`` around the work alone (on CUDA after a
+``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -60,11 +62,22 @@ def accuracy(chosen: np.ndarray, rejected: np.ndarray, kept: np.ndarray, seconds
             "n_all": int(wins.size), "n_kept": int(kept.sum()), "seconds": seconds}
 
 
-def autocast():
+def autocast(device: str = "cpu"):
     """bf16 autocast if the run computes in bf16 (the parent sets RMLIB_BF16 from --precision), else fp32."""
     from rmlib.core.precision import autocast as rm_autocast
 
-    return rm_autocast("cpu", "auto")
+    return rm_autocast(device, "auto")
+
+
+def device_of(spec: dict) -> str:
+    """Where the measurement runs: ``cpu`` (default) or ``cuda`` (``bench.run --device``)."""
+    return spec.get("device", "cpu")
+
+
+def sync(device) -> None:
+    """Wait for queued CUDA work, so that a wall-clock timer stops after it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def rmlib_train_config(spec: dict, output_dir: str, mode: str):
@@ -73,8 +86,8 @@ def rmlib_train_config(spec: dict, output_dir: str, mode: str):
     z = spec["sizes"]
     return RMConfig(output_dir=output_dir, backbone=spec["backbone"], mode=mode, top_k_layers=z["top_k_layers"],
                     learning_rate=z["learning_rate"], per_device_train_batch_size=z["batch_pairs"],
-                    max_length=z["max_length"], bf16=spec["bf16"], use_cpu=True, seed=z["seed"], save_strategy="no",
-                    disable_tqdm=True)
+                    max_length=z["max_length"], bf16=spec["bf16"], use_cpu=device_of(spec) == "cpu", seed=z["seed"],
+                    save_strategy="no", disable_tqdm=True)
 
 
 # -- measurements ------------------------------------------------------------------------------------
@@ -83,21 +96,24 @@ def measure_peak(spec: dict) -> dict:
     from rmlib.core.precision import bf16_is_fast
 
     z = spec["sizes"]
+    dev = device_of(spec)
     out: dict = {"sizes": z["matmul_sizes"], "repeats": z["matmul_repeats"], "bf16_gflops": {}, "fp32_gflops": {},
-                 "bf16_native": bf16_is_fast("cpu")}
+                 "bf16_native": bf16_is_fast(dev), "device": dev}
     for dtype, key in ((torch.bfloat16, "bf16_gflops"), (torch.float32, "fp32_gflops")):
         # emulated bf16 (no AVX-512) runs ~1 GFLOP/s: one small matmul shows it without taking minutes
         sizes = z["matmul_sizes"] if dtype == torch.float32 or out["bf16_native"] else [512]
         for n in sizes:
             g = torch.Generator().manual_seed(0)
-            a = torch.randn(n, n, generator=g).to(dtype)
-            b = torch.randn(n, n, generator=g).to(dtype)
+            a = torch.randn(n, n, generator=g).to(dev, dtype)
+            b = torch.randn(n, n, generator=g).to(dev, dtype)
             for _ in range(2):  # warm-up (allocations, kernel choice)
                 a @ b
             times = []
             for _ in range(z["matmul_repeats"]):
+                sync(dev)
                 t0 = time.perf_counter()
                 a @ b
+                sync(dev)
                 times.append(time.perf_counter() - t0)
             out[key][str(n)] = matmul_flops(n) / statistics.median(times) / 1e9
             log(f"matmul {n}^3 {str(dtype).removeprefix('torch.')}: {out[key][str(n)]:.0f} GFLOP/s")
@@ -115,15 +131,16 @@ def score_seqcls(model, sequences: list[list[int]], pad_id: int, batch_size: int
     from rmlib.model.encoding import pad_sequences
 
     model.eval()
+    dev = next(model.parameters()).device
     order = np.argsort(-np.array([len(s) for s in sequences]), kind="stable")
     out = np.zeros(len(sequences), np.float32)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size].tolist()
         batch = pad_sequences([sequences[i] for i in idx], [[0] * len(sequences[i]) for i in idx], pad_id,
                               pad_to_multiple_of=None)
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out[idx] = logits[:, 0].float().numpy()
+        with autocast(dev.type):
+            logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        out[idx] = logits[:, 0].float().cpu().numpy()
     return out
 
 
@@ -160,13 +177,14 @@ def measure_trl(spec: dict) -> dict:
                     else {"gradient_checkpointing": False})
         args = RewardConfig(output_dir=tmp, learning_rate=z["learning_rate"], num_train_epochs=1,
                             per_device_train_batch_size=z["batch_pairs"], max_length=z["max_length"], bf16=spec["bf16"],
-                            use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=z["seed"],
-                            **ckpt_off)
+                            use_cpu=device_of(spec) == "cpu", report_to="none", save_strategy="no", disable_tqdm=True,
+                            seed=z["seed"], **ckpt_off)
         trainer = CountingRewardTrainer(model=spec["backbone"], args=args, train_dataset=to_trl_dataset(train))
         kept = len(trainer.train_dataset)
         log(f"TRL keeps {kept} of {len(train)} pairs (our rule predicts {expected_kept}); training")
         t0 = time.perf_counter()
         trainer.train()
+        sync(trainer.args.device)
         train_s = time.perf_counter() - t0
         model = trainer.model
         grad_ckpt = bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
@@ -398,7 +416,8 @@ def measure_sampling(spec: dict) -> dict:
     temperature, top_p = 0.7, 0.95
     p_len, n_new = z["sampling_prompt_tokens"], z["sampling_new_tokens"]
     tok = load_tokenizer(spec["backbone"])
-    policy = load_causal_lm(spec["backbone"]).eval()
+    dev = device_of(spec)
+    policy = load_causal_lm(spec["backbone"]).eval().to(dev)
     stops, pad = stop_token_ids(policy, tok), tok.pad_token_id
     all_prompts = sampling_prompts(tok, max(z["sampling_batches"]), p_len, z["seed"])
 
@@ -406,19 +425,20 @@ def measure_sampling(spec: dict) -> dict:
         cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new,
                                eos_token_id=stops, pad_token_id=pad, use_cache=True)
         torch.manual_seed(z["seed"])
-        ids = torch.tensor(prompts)
-        with torch.no_grad(), autocast():
+        ids = torch.tensor(prompts, device=dev)
+        with torch.no_grad(), autocast(dev):
             out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
         return _until_stop(out[:, ids.shape[1]:].tolist(), stops)
 
     def raw(prompts, new):
-        ids = torch.tensor(prompts)
-        pos = torch.arange(ids.shape[1]).expand(len(prompts), -1)
+        ids = torch.tensor(prompts, device=dev)
+        pos = torch.arange(ids.shape[1], device=dev).expand(len(prompts), -1)
         cache, last = DynamicCache(), ids[:, -1:]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(dev):
             policy(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
             for k in range(new - 1):  # the prefill gave the first token's logits
                 policy(input_ids=last, position_ids=pos[:, -1:] + 1 + k, past_key_values=cache, use_cache=True)
+        sync(dev)
         return [[0] * new for _ in prompts]
 
     loop_info = {}
@@ -437,8 +457,10 @@ def measure_sampling(spec: dict) -> dict:
     for b in z["sampling_batches"]:
         row = {"batch": b}
         for name, fn in engines.items():
+            sync(dev)
             t0 = time.perf_counter()
             rows = fn(all_prompts[:b], n_new)
+            sync(dev)
             dt = time.perf_counter() - t0
             tokens = sum(len(r) for r in rows)
             row[name] = {"seconds": dt, "tokens": tokens, "tokens_per_second": tokens / dt,
@@ -448,7 +470,7 @@ def measure_sampling(spec: dict) -> dict:
             log(f"B={b} {name}: {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tok/s")
         batches.append(row)
     return {"prompt_tokens": p_len, "new_tokens": n_new, "temperature": temperature, "top_p": top_p,
-            "sampler": SAMPLER, "batches": batches}
+            "sampler": SAMPLER, "batches": batches, "device": dev}
 
 
 def _rloo_part(spec: dict, kind: str, rm_dir: str, prompts: list[dict], out_dir: str) -> dict:

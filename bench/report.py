@@ -491,6 +491,9 @@ def rloo_rows(rl: dict) -> list[list[str]]:
     return rows
 
 
+GPU_LINE_PREFIX = "GPU training speed, full fine-tuning vs TRL RewardTrainer: "
+
+
 def render_markdown(results: dict) -> str:
     """The whole ``bench/results.md`` from a ``results.json`` dict."""
     meta = results.get("meta", {})
@@ -510,6 +513,10 @@ def render_markdown(results: dict) -> str:
     all_r = s.get("rmlib_topk_all", {}).get("ratio_incl_store")
     out += ["", ALL_PAIRS_LINE_PREFIX + (f"{all_r:.2f}x" if all_r is not None else "n/a")
             + " (rmlib trains every pair, long ones prompt-cut from the left; TRL trains only the pairs it keeps)", ""]
+    if meta.get("device") == "cuda":  # issue 20: on a GPU the comparison is full fine-tuning, same data
+        full = s.get("rmlib_full_kept", {}).get("ratio_train")
+        out += [GPU_LINE_PREFIX + (f"{full:.2f}x" if full is not None else "n/a")
+                + f" (rmlib mode full / TRL RewardTrainer, pairs/s on the pairs TRL keeps; GPU: {mach.get('gpu', '?')})", ""]
     out += [f"Machine: {mach.get('cpu_model', '?')}; {mach.get('cpus', '?')} CPUs ({mach.get('cpus_usable', '?')} usable), "
             f"torch {mach.get('torch', '?')} ({meta.get('threads', '?')} threads), transformers "
             f"{mach.get('transformers', '?')}, trl {mach.get('trl', '?')}, Python {mach.get('python', '?')}; "

@@ -78,6 +78,10 @@ QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen
              bon_prompts=2, bon_samples=4, bon_max_new_tokens=8, bon_proxies=2)
 
 
+# the measurements that run on a GPU with --device cuda (issue 20); the others are CPU-only
+CUDA_MEASUREMENTS = ("peak", "trl", "rmlib_full_kept", "sampling")
+
+
 def plan() -> list[tuple[str, dict]]:
     """(measurement name, extra spec fields), in run order."""
     from bench.report import SWEEP_VARIANTS
@@ -156,7 +160,8 @@ def machine_info() -> dict:
     return {"cpu_model": cpu_model, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "memory_bytes": mem, "bf16_isa": ", ".join(isa) or "none found (bf16 emulated)",
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _loadavg() -> str:
@@ -226,6 +231,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="compute precision of every measurement: bf16 autocast or float32; auto = bf16 where bf16 "
                          "matmuls are native (rmlib.core.precision), float32 elsewhere")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the measurements run (issue 20: cuda on one GPU; e.g. --device cuda --only "
+                         "peak,trl,rmlib_full_kept,sampling, as rmlib.pipeline.gpu_check runs them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: usable CPUs)")
     ap.add_argument("--keep-temp", action="store_true", help="keep each measurement's temp folder (debugging)")
     for f in fields(Sizes):
@@ -268,7 +276,18 @@ def main(argv=None) -> int:
     from rmlib.core.precision import resolve_bf16
 
     bf16 = {"bf16": True, "fp32": False}.get(args.precision, None)
-    bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", "cpu")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: this machine has no CUDA device", file=sys.stderr)
+            return 2
+        cpu_only = [n for n, _ in steps if (not only or n in only) and n not in CUDA_MEASUREMENTS]
+        if cpu_only:
+            print(f"--device cuda: {', '.join(cpu_only)} run on the CPU only; pass --only with some of "
+                  f"{', '.join(CUDA_MEASUREMENTS)}", file=sys.stderr)
+            return 2
+    bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", args.device)
     run_id = uuid.uuid4().hex[:12]
     results = {"meta": {}, "measurements": {}}
     if only and json_path.exists():
@@ -281,7 +300,7 @@ def main(argv=None) -> int:
             return 2
         results["measurements"] = {k: v for k, v in old.get("measurements", {}).items() if k not in only}
     results["meta"] = {"quick": args.quick, "sizes": asdict(sizes), "threads": threads, "model": "SmolLM2-135M-Instruct",
-                       "backbone_path": backbone, "machine": machine_info(), "precision": "bf16" if bf16 else "fp32", "run_id": run_id,
+                       "backbone_path": backbone, "machine": machine_info(), "device": args.device, "precision": "bf16" if bf16 else "fp32", "run_id": run_id,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": _loadavg()}
     todo = [(n, extra) for n, extra in steps if not only or n in only]
     est = estimate_seconds(sizes) * (1.0 if bf16 else 2.5) / 60  # the rates are bf16 ones; fp32 is ~2-3x slower
@@ -292,7 +311,8 @@ def main(argv=None) -> int:
     failed = []
     for i, (name, extra) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name}: {MEASUREMENTS[name]} ...", flush=True)
-        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, "bf16": bf16, **extra}
+        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, "bf16": bf16, "device": args.device,
+                **extra}
         rec = run_child(name, spec, run_id, keep_temp=args.keep_temp)
         results["measurements"][name] = rec
         state = "done" if rec["ok"] else "FAILED"
