@@ -457,3 +457,44 @@ def test_capture_fallbacks_equal_the_separate_forward(which, tmp_path, tokenizer
     else:
         wrapped = on["trainer"].reward_funcs[0]
         assert on["trainer"].bottom_layer == 1 and wrapped.rows_plain >= 2 and wrapped.rows_shared >= 1
+
+
+def test_sampled_bottom_rows_and_rm_ids(tokenizer, tiny_backbone):
+    """SampledBottom on DecodeLoop directly: a row whose RM ids extend the sampled ones is completed and
+    its RM input (lifted from the captured layer 1 to layer 2) equals a fresh bottom forward of those ids;
+    a row whose RM ids differ from a fed token keeps only the policy's states and is left to the plain path."""
+    from rmlib.model.decoding import DecodeLoop
+
+    policy = _policy(tiny_backbone)
+    decoder = policy.model
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    rm_seqs = {}
+
+    def rm_ids(row, generated):
+        if row == 0:
+            rm_seqs[0] = prompts[0] + generated + [198]
+        else:
+            rm_seqs[1] = prompts[1] + [generated[0] + 1] + generated[1:]  # differs at the first sampled token
+        return rm_seqs[row]
+
+    capture = shared_bottom.SampledBottom(1, prompts, rm_ids)
+    loop = DecodeLoop(policy, [eos], 0, 6, 1.0, 1.0, False)
+    comps = loop(prompts, [1, 2], capture=capture)
+    assert comps == loop(prompts, [1, 2])  # the same tokens without capture
+    assert sorted(capture.rm) == [0] and 1 in capture.skipped
+    states, captured = capture.bottom(prompts, comps)
+    assert capture.bottom(prompts, [comps[0], comps[1] + [3]]) is None  # not the sampled rows: no states
+    ref = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext)
+    read = ref.mask.bool().clone()
+    for i, c in enumerate(comps):  # all but each completion's last token (fed only for row 0, by its RM ids)
+        read[i, ref.first[i] + ref.lengths[i] - 1] = i == 0
+    torch.testing.assert_close(states[1][read], ref.states[1][read], atol=1e-5, rtol=1e-5)
+    batch = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext,
+                                            states=states, captured=captured)
+    rows, ids, mask, hidden = batch.rm_input([rm_seqs[0], rm_seqs[1]], 2)
+    assert rows.tolist() == [0] and ids[0][mask[0].bool()].tolist() == rm_seqs[0]
+    with torch.no_grad():
+        fresh = shared_bottom.run_layers(decoder, decoder.embed_tokens(torch.tensor([rm_seqs[0]])),
+                                         torch.ones(1, len(rm_seqs[0])), 0, 2)
+    torch.testing.assert_close(hidden[0][mask[0].bool()], fresh[0], atol=1e-5, rtol=1e-5)
