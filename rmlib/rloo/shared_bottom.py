@@ -3,9 +3,8 @@ the policy's top 2 layers).
 
 With a top-k policy the embeddings and decoder layers ``[0, s)`` (s = L - k) never change, and a
 top-k reward model built from the same backbone has the same frozen bottom ``[0, s_rm)``. So per
-batch of sampled completions the frozen bottom runs ONCE on prompt + completion, up to s (while
-sampling: "Sampler capture" below), keeping
-the states entering s and each RM's ``min(s, s_rm)`` (and its keys/values), which serve
+batch of sampled completions the frozen bottom runs ONCE on prompt + completion, up to s (inside the
+sampler: "Sampler capture" below), keeping the states entering s and each RM's ``min(s, s_rm)``, which serve
 
 - the policy log-probs: layers [s, L) + norm + LM head, with grad in the loss;
 - the reference log-probs: the ORIGINAL layers [s, L) + norm (``shared_reference``: a causal LM that
@@ -29,8 +28,8 @@ The RM formats prompt + reply with its own tokenizer and chat template
 (``rmlib.model.encoding.encode_prompt_replies``, as ``RewardModelFunction`` does); its ids share a
 prefix with the policy's (at least the prompt) and then go on with their own tokens: SmolLM2's
 newline after ``<|im_end|>`` (and ``<|im_end|>`` itself for a reply cut at the length limit), or,
-where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. Those
-own tokens run through the bottom in one short extra pass on the stored keys/values of the shared
+where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. With the
+sampler's capture those own tokens run inside the sampler (below); without it they run through the bottom in one short extra pass on the stored keys/values of the shared
 prefix (``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
 ``max_length``) is scored by the plain ``RewardModelFunction`` path. RoPE attention depends on
 position differences only, so left padding (the policy's layout) and right padding (the RM's) agree
@@ -52,7 +51,10 @@ by ``RewardModelFunction``; a batch the capture does not cover (TRL's ``generate
 ``pad_to_multiple_of``, a row the loop could not complete) gets the separate no-grad bottom forward.
 An RM whose shared start is below the policy's makes the policy's frozen layers between the two run
 once more on the captured states (``BottomBatch.states_at``). The sampled tokens are the same with and
-without capture (per-row generators; tests/test_rloo_shared_bottom.py).
+without capture (per-row generators); in float32 the captured states, rewards, advantages, log-probs,
+loss and gradients equal those of the separate forward to 1e-5
+(tests/test_rloo_shared_bottom.py); under bf16 autocast the decode loop's attention rounds differently
+(``rmlib.model.bottom_capture`` gives the measured size).
 """
 
 from __future__ import annotations
