@@ -365,12 +365,14 @@ def _peaked(trainer):
 
 def _step_with_sampling(capture: bool, backbone, rm_dir, tokenizer, out, **kw):
     """One generation + loss with DecodeLoop sampling, capture on or off; counts the calls of the policy's
-    bottom layer 0 (and the RM's) while sampling and in total."""
+    bottom layer 0 (and the RM's) while sampling and in total, and of every policy bottom layer in total."""
     t = _trainer("shared", backbone, rm_dir, tokenizer, out, None, **kw)
     t.capture_bottom = capture
     _peaked(t)
-    calls = {"policy": 0, "rm": 0}
+    calls = {"policy": 0, "rm": 0, **{f"layer{k}": 0 for k in range(t.policy_start)}}
     t.model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
+    for k in range(t.policy_start):
+        t.model.model.layers[k].register_forward_hook(lambda *a, k=k: calls.__setitem__(f"layer{k}", calls[f"layer{k}"] + 1))
     rm_model = getattr(t.reward_funcs[0], "fn", t.reward_funcs[0]).model
     shared_bottom.decoder_of(rm_model).layers[0].register_forward_hook(lambda *a: calls.__setitem__("rm", calls["rm"] + 1))
     sampled, sample = {}, t._generate_single_turn
@@ -452,6 +454,8 @@ def test_capture_fallbacks_equal_the_separate_forward(which, tmp_path, tokenizer
     torch.testing.assert_close(on["loss"], off["loss"], atol=1e-6, rtol=1e-5)
     assert on["trainer"].bottom_source == {"sampler": 1, "forward": 0}
     assert on["calls"]["policy"] == on["calls_sampling"]
+    # each bottom layer runs as often as in sampling: the RM's start (1) and the policy's (2) both captured
+    assert all(on["calls"][f"layer{k}"] == on["calls_sampling"] for k in range(on["trainer"].policy_start))
     if which == "other":
         assert on["trainer"].shared_rewards == []
     else:
@@ -459,10 +463,12 @@ def test_capture_fallbacks_equal_the_separate_forward(which, tmp_path, tokenizer
         assert on["trainer"].bottom_layer == 1 and wrapped.rows_plain >= 2 and wrapped.rows_shared >= 1
 
 
-def test_sampled_bottom_rows_and_rm_ids(tokenizer, tiny_backbone):
+@pytest.mark.parametrize("layers", [[1], [1, 2]])
+def test_sampled_bottom_rows_and_rm_ids(layers, tokenizer, tiny_backbone):
     """SampledBottom on DecodeLoop directly: a row whose RM ids extend the sampled ones is completed and
-    its RM input (lifted from the captured layer 1 to layer 2) equals a fresh bottom forward of those ids;
-    a row whose RM ids differ from a fed token keeps only the policy's states and is left to the plain path."""
+    its RM input at layer 2 (captured, or lifted from the captured layer 1) equals a fresh bottom forward of
+    those ids; a row whose RM ids differ from a fed token keeps only the policy's states and is left to
+    the plain path."""
     from rmlib.model.decoding import DecodeLoop
 
     policy = _policy(tiny_backbone)
@@ -478,7 +484,7 @@ def test_sampled_bottom_rows_and_rm_ids(tokenizer, tiny_backbone):
             rm_seqs[1] = prompts[1] + [generated[0] + 1] + generated[1:]  # differs at the first sampled token
         return rm_seqs[row]
 
-    capture = shared_bottom.SampledBottom(1, prompts, rm_ids)
+    capture = shared_bottom.SampledBottom(layers, prompts, rm_ids)
     loop = DecodeLoop(policy, [eos], 0, 6, 1.0, 1.0, False)
     comps = loop(prompts, [1, 2], capture=capture)
     assert comps == loop(prompts, [1, 2])  # the same tokens without capture
@@ -489,7 +495,9 @@ def test_sampled_bottom_rows_and_rm_ids(tokenizer, tiny_backbone):
     read = ref.mask.bool().clone()
     for i, c in enumerate(comps):  # all but each completion's last token (fed only for row 0, by its RM ids)
         read[i, ref.first[i] + ref.lengths[i] - 1] = i == 0
-    torch.testing.assert_close(states[1][read], ref.states[1][read], atol=1e-5, rtol=1e-5)
+    assert sorted(states) == layers and sorted(captured) == [0] and sorted(captured[0][1]) == layers
+    for layer in layers:
+        torch.testing.assert_close(states[layer][read], ref.states[layer][read], atol=1e-5, rtol=1e-5)
     batch = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext,
                                             states=states, captured=captured)
     rows, ids, mask, hidden = batch.rm_input([rm_seqs[0], rm_seqs[1]], 2)

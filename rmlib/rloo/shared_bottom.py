@@ -39,7 +39,7 @@ the policy's float32 weights instead of its own bf16 weights (same values for Sm
 checkpoint is bf16), so rewards agree to bf16 rounding.
 
 Sampler capture (issue 18: one bottom forward per completion). While ``DecodeLoop`` samples, a
-forward pre-hook records the states entering the lowest shared layer (``capture_bottom``,
+forward pre-hook records the states entering each shared start layer (``capture_bottom``,
 ``SampledBottom``, the ``rmlib.model.decoding.CaptureHooks`` of this trainer) for every prompt and fed
 token; each row that stops is completed on its cached keys/values to its reward-model ids (the first
 shared RM's, e.g. the ``<|im_end|>`` and newline its template adds), as ``rmlib.model.bottom_capture``
@@ -49,8 +49,7 @@ bottom layer runs again: the policy/reference log-probs and those RM rows use th
 ones before the last sampled token (a non-canonical re-tokenization; the RM cut the prompt) is scored
 by ``RewardModelFunction``; a batch the capture does not cover (TRL's ``generate`` sampling,
 ``pad_to_multiple_of``, a row the loop could not complete) gets the separate no-grad bottom forward.
-An RM whose shared start is below the policy's makes the policy's frozen layers between the two run
-once more on the captured states (``BottomBatch.states_at``). The sampled tokens are the same with and
+The sampled tokens are the same with and
 without capture (per-row generators); in float32 the captured states, rewards, advantages, log-probs,
 loss and gradients equal those of the separate forward to 1e-5
 (tests/test_rloo_shared_bottom.py); under bf16 autocast the decode loop's attention rounds differently
@@ -168,19 +167,18 @@ class BottomBatch:
     autocast: object  # context-manager factory of the policy forward's autocast
     states: dict[int, torch.Tensor] = field(default_factory=dict)
     cache: object | None = None
-    # row -> (an RM's full ids, the states entering ``captured_layer`` at each of them): RM rows whose
-    # own tokens the sampler ran (``SampledBottom``), served by ``rm_input`` without keys/values
-    captured: dict[int, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
-    captured_layer: int | None = None
+    # row -> (an RM's full ids, {layer: the states entering it at each of them}): RM rows whose own
+    # tokens the sampler ran (``SampledBottom``), served by ``rm_input`` without keys/values
+    captured: dict[int, tuple[list[int], dict[int, torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, decoder, prompt_ids, completion_ids, pad_id: int, layers, autocast_ctx,
               states: dict[int, torch.Tensor] | None = None, cache=None,
-              captured: tuple[int, dict[int, tuple[list[int], torch.Tensor]]] | None = None) -> BottomBatch:
+              captured: dict[int, tuple[list[int], dict[int, torch.Tensor]]] | None = None) -> BottomBatch:
         """Lay out the rows and run the bottom once (no grad) up to the highest of ``layers``, keeping
         the states entering each and the keys/values below; unless ``states`` (and ``cache``) of this
         layout come from elsewhere (``SampledBottom.bottom``: captured while decoding), with
-        ``captured`` = (layer, {row: (RM ids, their states entering layer)}) for ``rm_input``."""
+        ``captured`` = {row: (RM ids, {layer: their states entering it})} for ``rm_input``."""
         n = len(prompt_ids)
         p_width = max(len(p) for p in prompt_ids)
         width = p_width + max(len(c) for c in completion_ids)
@@ -200,8 +198,7 @@ class BottomBatch:
                     raise ValueError(f"handed-in bottom states are {tuple(h.shape)}, expected ({n}, {width}, H)")
                 batch.states[int(layer)] = h.to(device)
             batch.cache = cache
-            if captured is not None:
-                batch.captured_layer, batch.captured = int(captured[0]), dict(captured[1])
+            batch.captured = dict(captured or {})
             return batch
         keep = dict.fromkeys(layers[:-1])
         batch.cache = DynamicCache()
@@ -240,14 +237,16 @@ class BottomBatch:
         keys/values of the first c_i tokens. Returns (rows (R,), ids, mask (R, T'), hidden entering
         ``layer`` (R, T', H), right-padded; the RM's positions are the policy layout's columns) or None.
 
-        A row whose ids the sampler ran in full (``captured``) takes its captured states instead, lifted
-        from ``captured_layer`` to ``layer`` through the policy's frozen layers if they differ."""
+        A row whose ids the sampler ran in full (``captured``) takes its captured states instead (lifted
+        from the highest captured layer below ``layer`` through the policy's frozen layers, if not captured
+        at ``layer`` itself)."""
         rows, cuts, tails, full = [], [], [], {}
         for i, seq in enumerate(seqs):
             lo, n = self.first[i], self.lengths[i]
             got = self.captured.get(i)
-            if got is not None and got[0] == list(seq) and self.captured_layer <= layer:
-                full[i] = got[1]
+            below = max((k for k in (got[1] if got else ()) if k <= layer), default=None)
+            if below is not None and got[0] == list(seq):
+                full[i] = (below, got[1][below])
                 rows.append(i)
                 cuts.append(lo + len(seq))
                 tails.append([])
@@ -275,15 +274,15 @@ class BottomBatch:
                 mask[k, lo:c] = 1
                 continue
             ids[k, :c], mask[k, :c], hidden[k, :c] = self.ids[i, :c], self.mask[i, :c], base[i, :c]
-        if full:  # captured rows: their states at captured_layer, lifted to ``layer`` if that is higher
-            sel = [k for k, i in enumerate(rows) if i in full]
+        for below in sorted({b for b, _ in full.values()}):  # captured rows, lifted to ``layer`` if below it
+            sel = [k for k, i in enumerate(rows) if i in full and full[i][0] == below]
             lifted = hidden.new_zeros(len(sel), width, hidden.shape[-1])
             for j, k in enumerate(sel):
                 lo = self.first[rows[k]]
-                lifted[j, lo : cuts[k]] = full[rows[k]].to(device, hidden.dtype)
-            if self.captured_layer < layer:
+                lifted[j, lo : cuts[k]] = full[rows[k]][1].to(device, hidden.dtype)
+            if below < layer:
                 with self.autocast():
-                    lifted = run_layers(self.decoder, lifted, mask[sel], self.captured_layer, layer).to(hidden.dtype)
+                    lifted = run_layers(self.decoder, lifted, mask[sel], below, layer).to(hidden.dtype)
             hidden[sel] = lifted
         ext = [k for k, t in enumerate(tails) if t]
         if ext:  # the rows' own tokens after the shared prefix: one short pass on the stored keys/values
@@ -355,13 +354,15 @@ class SharedBottomReward:
 
 # -- the bottom captured while sampling ------------------------------------------------------------------
 class SampledBottom:
-    """``rmlib.model.decoding.CaptureHooks`` for ``DecodeLoop``: the states entering decoder layer ``layer``
-    of each row's prompt and fed tokens, each row completed to ``rm_ids(row, generated)`` (a reward
-    model's full ids of the row: prompt + reply) where those extend the sampled tokens, else kept at the
-    sampled tokens (the RM row then goes the plain way). ``bottom`` lays them out for ``BottomBatch``."""
+    """``rmlib.model.decoding.CaptureHooks`` for ``DecodeLoop``: the states entering each decoder layer of
+    ``layers`` (the policy's start and the shared RMs') of each row's prompt and fed tokens, each row
+    completed to ``rm_ids(row, generated)`` (a reward model's full ids of the row: prompt + reply) where
+    those extend the sampled tokens, else kept at the sampled tokens (the RM row then goes the plain way).
+    ``bottom`` lays them out for ``BottomBatch``."""
 
-    def __init__(self, layer: int, prompts: list[list[int]], rm_ids, extra: int = EXTRA_STEPS):
-        self.layer, self.extra = int(layer), int(extra)
+    def __init__(self, layers, prompts: list[list[int]], rm_ids, extra: int = EXTRA_STEPS):
+        self.layers = sorted({int(k) for k in layers})
+        self.layer, self.extra = self.layers[0], int(extra)
         self.prompts = [[int(t) for t in p] for p in prompts]
         self.rm_ids = rm_ids  # (row, generated ids) -> the RM's full ids, or None
         self.generated: dict[int, list[int]] = {}
@@ -393,7 +394,7 @@ class SampledBottom:
         self.prompt_hidden[row], self.reply_hidden[row] = prompt_hidden, reply_hidden
 
     def bottom(self, prompt_ids, completion_ids):
-        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, (layer, {row: (RM ids, states)})), or
+        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, {row: (RM ids, {layer: states})}), or
         None when a row was not recorded or its ids are not the sampled ones. The state at a
         completion's last token is zero where the sampler did not feed it (the policy never reads it:
         it predicts the token after the completion)."""
@@ -405,7 +406,7 @@ class SampledBottom:
             return None
         p_width = max(len(p) for p in prompt_ids)
         width = p_width + max(len(c) for c in completion_ids)
-        first = self.prompt_hidden[0]
+        first = self.prompt_hidden[0]  # the recorded layers' states side by side: (T, len(layers) * H)
         states = first.new_zeros(n, width, first.shape[-1])
         captured = {}
         for i in range(n):
@@ -414,8 +415,8 @@ class SampledBottom:
             m = min(len(r), len(completion_ids[i]))
             states[i, p_width : p_width + m] = r[:m]
             if i in self.rm:
-                captured[i] = (self.rm[i], torch.cat([p, r]))
-        return {self.layer: states}, (self.layer, captured)
+                captured[i] = (self.rm[i], dict(zip(self.layers, torch.cat([p, r]).chunk(len(self.layers), -1))))
+        return dict(zip(self.layers, states.chunk(len(self.layers), -1))), captured
 
 
 # -- the trainer ---------------------------------------------------------------------------------------
@@ -503,7 +504,8 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         prompts = [list(p) for p in prompt_ids]
         capture = None
         if self.capture_bottom and self.pad_to_multiple_of is None:
-            capture = self._capture = SampledBottom(self.bottom_layer, prompts, self._rm_ids(len(prompts)))
+            layers = [self.policy_start, *(r.start_layer for r in self.shared_rewards)]
+            capture = self._capture = SampledBottom(layers, prompts, self._rm_ids(len(prompts)))
         return self._decode_loop(prompts, seeds, capture=capture)
 
     def _rm_ids(self, n: int):
@@ -521,7 +523,7 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         return rm_ids
 
     def _sampled_bottom(self, prompt_ids, completion_ids):
-        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, (layer, {row: (RM ids, states)})) that
+        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, {row: (RM ids, {layer: states})}) that
         the sampler captured for these rows (``SampledBottom.bottom``), or None."""
         capture, self._capture = self._capture, None
         return capture.bottom(prompt_ids, completion_ids) if capture is not None else None
