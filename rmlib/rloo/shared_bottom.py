@@ -29,8 +29,9 @@ The RM formats prompt + reply with its own tokenizer and chat template
 prefix with the policy's (at least the prompt) and then go on with their own tokens: SmolLM2's
 newline after ``<|im_end|>`` (and ``<|im_end|>`` itself for a reply cut at the length limit), or,
 where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. With the
-sampler's capture those own tokens run inside the sampler (below); without it they run through the bottom in one short extra pass on the stored keys/values of the shared
-prefix (``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
+sampler's capture the end-of-turn tokens run inside the sampler (below); without it those own tokens
+run through the bottom in one short extra pass on the stored keys/values of the shared prefix
+(``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
 ``max_length``) is scored by the plain ``RewardModelFunction`` path. RoPE attention depends on
 position differences only, so left padding (the policy's layout) and right padding (the RM's) agree
 to float rounding. In float32 everything equals the plain TRL path to ~1e-5
@@ -49,9 +50,8 @@ bottom layer runs again: the policy/reference log-probs and those RM rows use th
 ones before the last sampled token (a non-canonical re-tokenization; the RM cut the prompt) is scored
 by ``RewardModelFunction``; a batch the capture does not cover (TRL's ``generate`` sampling,
 ``pad_to_multiple_of``, a row the loop could not complete) gets the separate no-grad bottom forward.
-The sampled tokens are the same with and
-without capture (per-row generators); in float32 the captured states, rewards, advantages, log-probs,
-loss and gradients equal those of the separate forward to 1e-5
+The sampled tokens are the same with and without capture (per-row generators); in float32 the captured
+states, rewards, advantages, log-probs, loss and gradients equal those of the separate forward to 1e-5
 (tests/test_rloo_shared_bottom.py); under bf16 autocast the decode loop's attention rounds differently
 (``rmlib.model.bottom_capture`` gives the measured size).
 """
