@@ -15,10 +15,11 @@
    (``torch.rand(max_new_tokens)`` on a CPU generator is the same stream as one draw per step);
 4. stop tokens end a row; finished rows are dropped from the batch (cache, mask, positions) once
    a quarter of it has finished, and the loop stops when every row has;
-5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one decoder layer are
-   recorded for each row's prompt and continuation, and a row that stopped is completed to a given
-   target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding the
-   missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so.
+5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one or several decoder
+   layers are recorded for each row's prompt and continuation, and a row that stopped is completed to
+   a given target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding
+   the missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so,
+   ``rmlib.rloo.shared_bottom`` the bottom of an RLOO batch.
 
 A row's tokens depend only on its prompt and seed, never on its batch-mates (up to floating-point
 effects of the batch shape). ``SAMPLER`` names this engine in sample files' meta data
@@ -370,9 +371,9 @@ class DecodeLoop:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], seeds: list[int], capture=None) -> list[list[int]]:
         """Each row's new token ids (see the class docstring). ``capture``: record the hidden states
-        entering one decoder layer for each row's prompt and continuation (``CaptureHooks``; None: no
-        recording, the loop as it was). Capture never changes the sampled tokens: every row draws from its
-        own uniforms, and a row whose continuation is being completed only rides along."""
+        entering one or several decoder layers for each row's prompt and continuation (``CaptureHooks``;
+        None: no recording, the loop as it was). Capture never changes the sampled tokens: every row draws
+        from its own uniforms, and a row whose continuation is being completed only rides along."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
