@@ -522,12 +522,14 @@ def _rloo_part(spec: dict, kind: str, rm_dir: str, prompts: list[dict], out_dir:
             "reward_mean": float(np.mean([r["rewards/proxy_rm/mean"] for r in logged])),
             "shared_bottom_rewards": shared, "reference": type(trainer.ref_model).__name__,
             "reward_rows_shared_plain": [[f.rows_shared, f.rows_plain] for f in getattr(trainer, "shared_rewards", [])],
+            # generation batches whose bottom states the sampler captured vs a separate bottom forward built
+            "bottom_source": dict(getattr(trainer, "bottom_source", {})),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def measure_rloo_step(spec: dict) -> dict:
-    """One RLOO optimizer step, rmlib (``SharedBottomRLOOTrainer``: DecodeLoop sampling, one bottom
-    forward per completion for policy, reference and proxy) vs TRL's ``RLOOTrainer`` in its plain
+    """One RLOO optimizer step, rmlib (``SharedBottomRLOOTrainer``: DecodeLoop sampling that captures the
+    bottom, so one bottom forward per completion serves sampling, policy, reference and proxy) vs TRL's ``RLOOTrainer`` in its plain
     configuration (HF generate, a second full reference model, the proxy as a reward function scoring
     whole sequences): the same policy (SmolLM2, top ``rloo_policy_top_k`` layers + norm train), k,
     prompts per step, completion length, beta, T = 1, top-p 1; the proxy a top-k RM of the same

@@ -44,7 +44,8 @@ MEASUREMENTS: dict[str, str] = {
     "scoring": "scoring: batched plain / per-example loop / store path",
     "generation": "generation: sample_responses batch 32 / batch-1 generate",
     "sampling": "sampling engine: rmlib DecodeLoop / HF generate / raw decode forward, several batch sizes",
-    "rloo_step": "RLOO step: rmlib shared-bottom top-k RLOO vs TRL RLOOTrainer (plain), same policy and sizes",
+    "rloo_step": "RLOO step: rmlib shared-bottom top-k RLOO (bottom captured while sampling) vs TRL RLOOTrainer (plain), "
+                 "same policy and sizes",
     "bon_cost": "Best-of-N cost: sample + score by a gold and every proxy top-k RM (bottom captured while sampling) "
                 "vs sampling alone",
     "sweep_one": "one BT run, mode topk, fresh store",
@@ -624,8 +625,8 @@ def notes(results: dict, s: dict) -> list[str]:
         "`RLOOTrainer` in its plain configuration (HF `generate`, a second full reference model built from the "
         "policy's path, the proxy a `RewardModelFunction` scoring whole re-tokenized sequences), with the settings "
         "rmlib runs it with (`RLOORunConfig.trl_config`: activation checkpointing off, dropout off, one update per "
-        "generation, bf16 = the run's precision); rmlib: `SharedBottomRLOOTrainer` (DecodeLoop sampling, one frozen-"
-        "bottom forward per completion for policy, reference and proxy). Same policy weights, prompts, k, lengths, "
+        "generation, bf16 = the run's precision); rmlib: `SharedBottomRLOOTrainer` (DecodeLoop sampling that keeps the "
+        "frozen bottom's states: one bottom pass per completion serves sampling, policy, reference and proxy). Same policy weights, prompts, k, lengths, "
         "beta and lr. Sampled completions differ (TRL draws from the global RNG, rmlib per row): compare the mean "
         "completion tokens. Peak RSS: each trainer's own spawned process.",
         "- **Sweep**: the six variants of `rmlib.reward.variants.VARIANTS` trained one after another in one process "

@@ -344,3 +344,165 @@ def test_topk_config_checks():
     with pytest.raises(ValueError, match="policy_dtype='bfloat16' needs mode='lora'"):
         rloo_config.RLOORunConfig(mode="topk", policy_dtype="bfloat16")
     assert rloo_config.RLOORunConfig(mode="topk").policy_top_k_layers == 2
+
+
+# -- the bottom captured while sampling (issue 18: one bottom forward per completion) --------------------
+def _peaked(trainer):
+    """Next-token distributions peaked like a trained model's, the end-of-turn near the top (as in
+    tests/test_bottom_capture.py): replies of real words that end at different steps or run to the limit.
+    The hook is on the sampler's LM head call only; the log-probs use the head's weight, in both runs alike."""
+    lm = trainer.model
+    bias = 3 * torch.randn(lm.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    eos = trainer.eos_token_ids[0]
+
+    def hook(module, inputs, out):
+        out = out * 40 + bias
+        out[..., eos] = out.max(-1).values - 2.0
+        return out
+
+    lm.lm_head.register_forward_hook(hook)
+
+
+def _step_with_sampling(capture: bool, backbone, rm_dir, tokenizer, out, **kw):
+    """One generation + loss with DecodeLoop sampling, capture on or off; counts the calls of the policy's
+    bottom layer 0 (and the RM's) while sampling and in total, and of every policy bottom layer in total."""
+    t = _trainer("shared", backbone, rm_dir, tokenizer, out, None, **kw)
+    t.capture_bottom = capture
+    _peaked(t)
+    calls = {"policy": 0, "rm": 0, **{f"layer{k}": 0 for k in range(t.policy_start)}}
+    t.model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
+    for k in range(t.policy_start):
+        t.model.model.layers[k].register_forward_hook(lambda *a, k=k: calls.__setitem__(f"layer{k}", calls[f"layer{k}"] + 1))
+    rm_model = getattr(t.reward_funcs[0], "fn", t.reward_funcs[0]).model
+    shared_bottom.decoder_of(rm_model).layers[0].register_forward_hook(lambda *a: calls.__setitem__("rm", calls["rm"] + 1))
+    sampled, sample = {}, t._generate_single_turn
+
+    def counted(*args):
+        before = calls["policy"]
+        got = sample(*args)
+        sampled["calls_sampling"], sampled["completions"] = calls["policy"] - before, got
+        return got
+
+    t._generate_single_turn = counted
+    torch.manual_seed(0)
+    output = t._generate_and_score_completions(_inputs())
+    rewards = list(t._logs["rewards"]["proxy_rm"])
+    loss = t._compute_loss(t.model, output)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    return dict(trainer=t, out=output, rewards=rewards, loss=loss, grads=grads, calls=dict(calls), **sampled)
+
+
+@pytest.fixture(scope="module")
+def sampled_both(tmp_path_factory, tokenizer, tiny_backbone, rms):
+    root = tmp_path_factory.mktemp("sampled")
+    return {c: _step_with_sampling(c, tiny_backbone, rms["proxy"], tokenizer, root / str(c)) for c in (False, True)}
+
+
+class TestCaptureWhileSampling:
+    def test_same_samples_and_one_bottom_pass(self, sampled_both):
+        off, on = sampled_both[False], sampled_both[True]
+        assert on["completions"] == off["completions"]  # capture never changes the sampled tokens
+        lengths = {len(c) for c in on["completions"]}
+        assert len(lengths) > 1  # replies end at different steps: a real layout
+        assert on["trainer"].bottom_source == {"sampler": 1, "forward": 0}
+        assert off["trainer"].bottom_source == {"sampler": 0, "forward": 1}
+        # the policy's bottom layer runs only in the sampler with capture; without, twice more after it: the
+        # full prompt + completion forward and the RM's own tokens (end-of-turn newline) on its keys/values
+        assert on["calls"]["policy"] == on["calls_sampling"] > 0
+        assert off["calls"]["policy"] == off["calls_sampling"] + 2
+        wrapped = on["trainer"].reward_funcs[0]
+        assert wrapped.rows_shared >= 4 and on["calls"]["rm"] == (wrapped.rows_plain > 0)
+        assert off["calls"]["rm"] == 0  # without capture the RM rows continue on the stored keys/values
+
+    def test_rewards_advantages_logps_and_loss_equal_the_separate_bottom_forward(self, sampled_both):
+        off, on = sampled_both[False], sampled_both[True]
+        assert on["rewards"] == pytest.approx(off["rewards"], abs=1e-5)
+        assert len({round(r, 4) for r in off["rewards"]}) > 1
+        for key in ("advantages", "old_logps"):
+            torch.testing.assert_close(on["out"][key], off["out"][key], atol=1e-5, rtol=1e-5)
+        # the captured bottom equals the separate forward's at every real token the policy reads (all but
+        # each completion's last, which predicts the token after the completion)
+        read = torch.cat([off["out"]["prompt_mask"], off["out"]["completion_mask"]], 1).bool()
+        read[torch.arange(read.shape[0]), read.shape[1] - 1 - read.flip(1).int().argmax(1)] = False
+        torch.testing.assert_close(on["out"]["bottom_hidden"][read], off["out"]["bottom_hidden"][read],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(on["loss"], off["loss"], atol=1e-6, rtol=1e-5)
+        assert on["grads"].keys() == off["grads"].keys() and on["grads"]
+        for name in off["grads"]:
+            torch.testing.assert_close(on["grads"][name], off["grads"][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("which", ["proxy_k3", "other"])
+def test_capture_fallbacks_equal_the_separate_forward(which, tmp_path, tokenizer, tiny_backbone, rms):
+    """An RM that shares the bottom only up to layer 1 and cuts some prompts (capture at layer 1, cut rows
+    by the plain path); an RM of other weights (plain path, the policy's bottom still captured)."""
+    if which == "other":
+        from conftest import make_tiny_lm
+
+        other = tmp_path / "other_backbone"
+        make_tiny_lm(tokenizer, seed=9, layers=4).save_pretrained(other)
+        tokenizer.save_pretrained(other)
+        rm_dir, kw = _save_topk_rm(tmp_path / "rm", tokenizer, str(other), "linear", seed=1), {}
+    else:
+        rm_dir, kw = rms["proxy_k3"], {"rm_max_length": 40}
+    got = {c: _step_with_sampling(c, tiny_backbone, rm_dir, tokenizer, tmp_path / str(c), **kw) for c in (False, True)}
+    off, on = got[False], got[True]
+    assert on["completions"] == off["completions"]
+    assert on["rewards"] == pytest.approx(off["rewards"], abs=1e-5)
+    torch.testing.assert_close(on["out"]["advantages"], off["out"]["advantages"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(on["loss"], off["loss"], atol=1e-6, rtol=1e-5)
+    assert on["trainer"].bottom_source == {"sampler": 1, "forward": 0}
+    assert on["calls"]["policy"] == on["calls_sampling"]
+    # each bottom layer runs as often as in sampling: the RM's start (1) and the policy's (2) both captured
+    assert all(on["calls"][f"layer{k}"] == on["calls_sampling"] for k in range(on["trainer"].policy_start))
+    if which == "other":
+        assert on["trainer"].shared_rewards == []
+    else:
+        wrapped = on["trainer"].reward_funcs[0]
+        assert on["trainer"].bottom_layer == 1 and wrapped.rows_plain >= 2 and wrapped.rows_shared >= 1
+
+
+@pytest.mark.parametrize("layers", [[1], [1, 2]])
+def test_sampled_bottom_rows_and_rm_ids(layers, tokenizer, tiny_backbone):
+    """SampledBottom on DecodeLoop directly: a row whose RM ids extend the sampled ones is completed and
+    its RM input at layer 2 (captured, or lifted from the captured layer 1) equals a fresh bottom forward of
+    those ids; a row whose RM ids differ from a fed token keeps only the policy's states and is left to
+    the plain path."""
+    from rmlib.model.decoding import DecodeLoop
+
+    policy = _policy(tiny_backbone)
+    decoder = policy.model
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    rm_seqs = {}
+
+    def rm_ids(row, generated):
+        if row == 0:
+            rm_seqs[0] = prompts[0] + generated + [198]
+        else:
+            rm_seqs[1] = prompts[1] + [generated[0] + 1] + generated[1:]  # differs at the first sampled token
+        return rm_seqs[row]
+
+    capture = shared_bottom.SampledBottom(layers, prompts, rm_ids)
+    loop = DecodeLoop(policy, [eos], 0, 6, 1.0, 1.0, False)
+    comps = loop(prompts, [1, 2], capture=capture)
+    assert comps == loop(prompts, [1, 2])  # the same tokens without capture
+    assert sorted(capture.rm) == [0] and 1 in capture.skipped
+    states, captured = capture.bottom(prompts, comps)
+    assert capture.bottom(prompts, [comps[0], comps[1] + [3]]) is None  # not the sampled rows: no states
+    ref = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext)
+    read = ref.mask.bool().clone()
+    for i, c in enumerate(comps):  # all but each completion's last token (fed only for row 0, by its RM ids)
+        read[i, ref.first[i] + ref.lengths[i] - 1] = i == 0
+    assert sorted(states) == layers and sorted(captured) == [0] and sorted(captured[0][1]) == layers
+    for layer in layers:
+        torch.testing.assert_close(states[layer][read], ref.states[layer][read], atol=1e-5, rtol=1e-5)
+    batch = shared_bottom.BottomBatch.build(decoder, prompts, comps, 0, [1, 2], contextlib.nullcontext,
+                                            states=states, captured=captured)
+    rows, ids, mask, hidden = batch.rm_input([rm_seqs[0], rm_seqs[1]], 2)
+    assert rows.tolist() == [0] and ids[0][mask[0].bool()].tolist() == rm_seqs[0]
+    with torch.no_grad():
+        fresh = shared_bottom.run_layers(decoder, decoder.embed_tokens(torch.tensor([rm_seqs[0]])),
+                                         torch.ones(1, len(rm_seqs[0])), 0, 2)
+    torch.testing.assert_close(hidden[0][mask[0].bool()], fresh[0], atol=1e-5, rtol=1e-5)

@@ -15,10 +15,11 @@
    (``torch.rand(max_new_tokens)`` on a CPU generator is the same stream as one draw per step);
 4. stop tokens end a row; finished rows are dropped from the batch (cache, mask, positions) once
    a quarter of it has finished, and the loop stops when every row has;
-5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one decoder layer are
-   recorded for each row's prompt and continuation, and a row that stopped is completed to a given
-   target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding the
-   missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so.
+5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one or several decoder
+   layers are recorded for each row's prompt and continuation, and a row that stopped is completed to
+   a given target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding
+   the missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so,
+   ``rmlib.rloo.shared_bottom`` the bottom of an RLOO batch.
 
 A row's tokens depend only on its prompt and seed, never on its batch-mates (up to floating-point
 effects of the batch shape). ``SAMPLER`` names this engine in sample files' meta data
@@ -370,9 +371,9 @@ class DecodeLoop:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], seeds: list[int], capture=None) -> list[list[int]]:
         """Each row's new token ids (see the class docstring). ``capture``: record the hidden states
-        entering one decoder layer for each row's prompt and continuation (``CaptureHooks``; None: no
-        recording, the loop as it was). Capture never changes the sampled tokens: every row draws from its
-        own uniforms, and a row whose continuation is being completed only rides along."""
+        entering one or several decoder layers for each row's prompt and continuation (``CaptureHooks``;
+        None: no recording, the loop as it was). Capture never changes the sampled tokens: every row draws
+        from its own uniforms, and a row whose continuation is being completed only rides along."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
@@ -401,7 +402,8 @@ class DecodeLoop:
 
         attention = decode_attention_on(self.model) if self.fast_attention else contextlib.nullcontext()
         linears = self.packed.patch(self.model, batch) if self.packed is not None else contextlib.nullcontext()
-        recorder = _LayerInput(self.model, capture.layer) if capture is not None else contextlib.nullcontext()
+        recorder = (_LayerInput(self.model, getattr(capture, "layers", None) or [capture.layer])
+                    if capture is not None else contextlib.nullcontext())
         with autocast(dev, self.bf16), attention, linears, recorder:
             logits = self._forward(input_ids.to(dev), mask.to(dev) if padded else None, position_ids.to(dev), cache)
             t_prefill = clock() - t_start
@@ -476,6 +478,8 @@ class CaptureHooks(Protocol):
     """What ``DecodeLoop(..., capture=)`` asks of a capture (``rmlib.model.bottom_capture.StoreCapture``).
 
     ``layer``: the decoder layer whose input is recorded (the number of layers: the final norm's input).
+    ``layers`` (optional, instead of ``layer``): several such layers, their inputs concatenated along the
+    last dim in this order (``collect`` then gets (.., len(layers) * H)).
     ``extra``: at most this many steps after the last sampling step complete captured rows.
     ``target(row, generated)``: called once per row when it stops sampling, with its generated ids (up to
     and including its stop token); returns the ids the recorded continuation must have (e.g. the reply as
@@ -497,34 +501,40 @@ class CaptureHooks(Protocol):
 
 
 class _LayerInput:
-    """Context manager: a forward pre-hook on decoder layer ``layer`` of ``model`` (the final norm when
-    ``layer`` is the number of layers) keeps the hidden states entering it at each forward (``take``)."""
+    """Context manager: forward pre-hooks on decoder layers ``layers`` of ``model`` (the final norm for
+    the number of layers) keep the hidden states entering them at each forward (``take``: concatenated
+    along the last dim, in the order of ``layers``)."""
 
-    def __init__(self, model, layer: int):
+    def __init__(self, model, layers):
         decoder = decoder_of(unwrap_causal_lm(model))
         n_layers = len(decoder.layers)
-        if not 0 <= int(layer) <= n_layers:
-            raise ValueError(f"capture layer {layer} must be in [0, {n_layers}]")
-        self.module = decoder.layers[layer] if layer < n_layers else decoder.norm
-        self.handle = None
-        self.last: torch.Tensor | None = None
+        self.modules = []
+        for layer in layers:
+            if not 0 <= int(layer) <= n_layers:
+                raise ValueError(f"capture layer {layer} must be in [0, {n_layers}]")
+            self.modules.append(decoder.layers[layer] if layer < n_layers else decoder.norm)
+        self.handles = []
+        self.last: list[torch.Tensor | None] = [None] * len(self.modules)
 
-    def _hook(self, module, args, kwargs):
-        self.last = args[0] if args else kwargs["hidden_states"]
+    def _hook(self, k: int):
+        def hook(module, args, kwargs):
+            self.last[k] = args[0] if args else kwargs["hidden_states"]
+        return hook
 
     def take(self) -> torch.Tensor:
-        if self.last is None:
+        if any(h is None for h in self.last):
             raise RuntimeError("the capture hook saw no forward")
-        h, self.last = self.last, None
-        return h
+        got, self.last = self.last, [None] * len(self.modules)
+        return got[0] if len(got) == 1 else torch.cat(got, dim=-1)
 
     def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handles = [m.register_forward_pre_hook(self._hook(k), with_kwargs=True) for k, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
-        self.last = None
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.last = [], [None] * len(self.modules)
 
 
 class _CaptureState:

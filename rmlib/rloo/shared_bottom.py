@@ -3,8 +3,8 @@ the policy's top 2 layers).
 
 With a top-k policy the embeddings and decoder layers ``[0, s)`` (s = L - k) never change, and a
 top-k reward model built from the same backbone has the same frozen bottom ``[0, s_rm)``. So per
-batch of sampled completions the frozen bottom runs ONCE on prompt + completion, up to s, keeping
-the states entering s and each RM's ``min(s, s_rm)`` (and its keys/values), which serve
+batch of sampled completions the frozen bottom runs ONCE on prompt + completion, up to s (inside the
+sampler: "Sampler capture" below), keeping the states entering s and each RM's ``min(s, s_rm)``, which serve
 
 - the policy log-probs: layers [s, L) + norm + LM head, with grad in the loss;
 - the reference log-probs: the ORIGINAL layers [s, L) + norm (``shared_reference``: a causal LM that
@@ -18,7 +18,7 @@ The loop stays TRL's ``RLOOTrainer`` (advantages A_i = R_i - mean_{j != i} R_j w
 R_i = r(x, y_i) - beta * sum_t [log pi(y_it) - log pi_ref(y_it)], the clipped loss, logging,
 checkpoints); ``SharedBottomRLOOTrainer`` overrides only where the forwards happen:
 ``_generate_single_turn`` (sampling with ``rmlib.model.decoding.DecodeLoop`` on per-row seeds),
-``_generate`` (builds the batch's ``BottomBatch`` after sampling), ``_get_per_token_logps_and_entropies``
+``_generate`` (builds the batch's ``BottomBatch`` from the sampler's capture), ``_get_per_token_logps_and_entropies``
 (top layers on the stored bottom; TRL's own fused log-prob kernel ``trl.kernels.ChunkedLogProbFunction``
 on the completion positions only), ``_generate_and_score_completions`` (hands the policy's bottom
 to the loss micro-batches as ``bottom_hidden``) and ``_compute_loss``.
@@ -28,9 +28,10 @@ The RM formats prompt + reply with its own tokenizer and chat template
 (``rmlib.model.encoding.encode_prompt_replies``, as ``RewardModelFunction`` does); its ids share a
 prefix with the policy's (at least the prompt) and then go on with their own tokens: SmolLM2's
 newline after ``<|im_end|>`` (and ``<|im_end|>`` itself for a reply cut at the length limit), or,
-where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. Those
-own tokens run through the bottom in one short extra pass on the stored keys/values of the shared
-prefix (``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
+where the decoded text re-tokenizes differently from the sampled ids, the rest of the reply. With the
+sampler's capture the end-of-turn tokens run inside the sampler (below); without it those own tokens
+run through the bottom in one short extra pass on the stored keys/values of the shared prefix
+(``BottomBatch.rm_input``). A row whose RM ids differ already in the prompt (the RM cut it at
 ``max_length``) is scored by the plain ``RewardModelFunction`` path. RoPE attention depends on
 position differences only, so left padding (the policy's layout) and right padding (the RM's) agree
 to float rounding. In float32 everything equals the plain TRL path to ~1e-5
@@ -38,9 +39,21 @@ to float rounding. In float32 everything equals the plain TRL path to ~1e-5
 the policy's float32 weights instead of its own bf16 weights (same values for SmolLM2, whose
 checkpoint is bf16), so rewards agree to bf16 rounding.
 
-Sampler hand-off. ``BottomBatch.build(..., states=, cache=)`` accepts bottom states (and keys/values)
-computed elsewhere (a sampler that captures the bottom while decoding); ``_sampled_bottom`` is where
-such a sampler plugs in. Until then they come from one no-grad bottom forward after sampling.
+Sampler capture (issue 18: one bottom forward per completion). While ``DecodeLoop`` samples, a
+forward pre-hook records the states entering each shared start layer (``capture_bottom``,
+``SampledBottom``, the ``rmlib.model.decoding.CaptureHooks`` of this trainer) for every prompt and fed
+token; each row that stops is completed on its cached keys/values to its reward-model ids (the first
+shared RM's, e.g. the ``<|im_end|>`` and newline its template adds), as ``rmlib.model.bottom_capture``
+does for the bottom store. ``BottomBatch.build(states=, captured=)`` lays them out, so after sampling no
+bottom layer runs again: the policy/reference log-probs and those RM rows use the captured states
+(``BottomBatch.rm_input``). Fallbacks, by the plain paths: an RM row whose ids differ from the sampled
+ones before the last sampled token (a non-canonical re-tokenization; the RM cut the prompt) is scored
+by ``RewardModelFunction``; a batch the capture does not cover (TRL's ``generate`` sampling,
+``pad_to_multiple_of``, a row the loop could not complete) gets the separate no-grad bottom forward.
+The sampled tokens are the same with and without capture (per-row generators); in float32 the captured
+states, rewards, advantages, log-probs, loss and gradients equal those of the separate forward to 1e-5
+(tests/test_rloo_shared_bottom.py); under bf16 autocast the decode loop's attention rounds differently
+(``rmlib.model.bottom_capture`` gives the measured size).
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ from trl import RLOOTrainer
 from trl.kernels import ChunkedLogProbFunction
 
 from rmlib.core.precision import autocast
+from rmlib.model.bottom_capture import EXTRA_STEPS
 from rmlib.model.decoding import DecodeLoop
 from rmlib.model.encoding import encode_prompt_replies
 from rmlib.model.generation import sample_seed
@@ -153,13 +167,18 @@ class BottomBatch:
     autocast: object  # context-manager factory of the policy forward's autocast
     states: dict[int, torch.Tensor] = field(default_factory=dict)
     cache: object | None = None
+    # row -> (an RM's full ids, {layer: the states entering it at each of them}): RM rows whose own
+    # tokens the sampler ran (``SampledBottom``), served by ``rm_input`` without keys/values
+    captured: dict[int, tuple[list[int], dict[int, torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, decoder, prompt_ids, completion_ids, pad_id: int, layers, autocast_ctx,
-              states: dict[int, torch.Tensor] | None = None, cache=None) -> BottomBatch:
+              states: dict[int, torch.Tensor] | None = None, cache=None,
+              captured: dict[int, tuple[list[int], dict[int, torch.Tensor]]] | None = None) -> BottomBatch:
         """Lay out the rows and run the bottom once (no grad) up to the highest of ``layers``, keeping
         the states entering each and the keys/values below; unless ``states`` (and ``cache``) of this
-        layout come from elsewhere (a sampler that captured them while decoding)."""
+        layout come from elsewhere (``SampledBottom.bottom``: captured while decoding), with
+        ``captured`` = {row: (RM ids, {layer: their states entering it})} for ``rm_input``."""
         n = len(prompt_ids)
         p_width = max(len(p) for p in prompt_ids)
         width = p_width + max(len(c) for c in completion_ids)
@@ -179,6 +198,7 @@ class BottomBatch:
                     raise ValueError(f"handed-in bottom states are {tuple(h.shape)}, expected ({n}, {width}, H)")
                 batch.states[int(layer)] = h.to(device)
             batch.cache = cache
+            batch.captured = dict(captured or {})
             return batch
         keep = dict.fromkeys(layers[:-1])
         batch.cache = DynamicCache()
@@ -215,10 +235,22 @@ class BottomBatch:
         left out); the RM's remaining ids (the chat template's end-of-turn tail, or where the decoded
         text re-tokenizes differently) run through the bottom [0, layer) once more, on the stored
         keys/values of the first c_i tokens. Returns (rows (R,), ids, mask (R, T'), hidden entering
-        ``layer`` (R, T', H), right-padded; the RM's positions are the policy layout's columns) or None."""
-        rows, cuts, tails = [], [], []
+        ``layer`` (R, T', H), right-padded; the RM's positions are the policy layout's columns) or None.
+
+        A row whose ids the sampler ran in full (``captured``) takes its captured states instead (lifted
+        from the highest captured layer below ``layer`` through the policy's frozen layers, if not captured
+        at ``layer`` itself)."""
+        rows, cuts, tails, full = [], [], [], {}
         for i, seq in enumerate(seqs):
             lo, n = self.first[i], self.lengths[i]
+            got = self.captured.get(i)
+            below = max((k for k in (got[1] if got else ()) if k <= layer), default=None)
+            if below is not None and got[0] == list(seq):
+                full[i] = (below, got[1][below])
+                rows.append(i)
+                cuts.append(lo + len(seq))
+                tails.append([])
+                continue
             pol = self.ids[i, lo : lo + n].tolist()
             c = next((k for k, (a, b) in enumerate(zip(seq, pol)) if a != b), min(len(seq), n))
             if c < self.prompt_lengths[i] or c == 0 or (c < len(seq) and self.cache is None):
@@ -236,7 +268,22 @@ class BottomBatch:
         mask = torch.zeros(r, width, dtype=torch.long, device=device)
         hidden = base.new_zeros(r, width, base.shape[-1])
         for k, (i, c) in enumerate(zip(rows, cuts)):
+            if i in full:
+                lo = self.first[i]
+                ids[k, lo:c] = torch.as_tensor(self.captured[i][0], device=device)
+                mask[k, lo:c] = 1
+                continue
             ids[k, :c], mask[k, :c], hidden[k, :c] = self.ids[i, :c], self.mask[i, :c], base[i, :c]
+        for below in sorted({b for b, _ in full.values()}):  # captured rows, lifted to ``layer`` if below it
+            sel = [k for k, i in enumerate(rows) if i in full and full[i][0] == below]
+            lifted = hidden.new_zeros(len(sel), width, hidden.shape[-1])
+            for j, k in enumerate(sel):
+                lo = self.first[rows[k]]
+                lifted[j, lo : cuts[k]] = full[rows[k]][1].to(device, hidden.dtype)
+            if below < layer:
+                with self.autocast():
+                    lifted = run_layers(self.decoder, lifted, mask[sel], below, layer).to(hidden.dtype)
+            hidden[sel] = lifted
         ext = [k for k, t in enumerate(tails) if t]
         if ext:  # the rows' own tokens after the shared prefix: one short pass on the stored keys/values
             sel = torch.as_tensor([rows[k] for k in ext], device=device)
@@ -305,6 +352,73 @@ class SharedBottomReward:
         return [float(x) for x in rewards]
 
 
+# -- the bottom captured while sampling ------------------------------------------------------------------
+class SampledBottom:
+    """``rmlib.model.decoding.CaptureHooks`` for ``DecodeLoop``: the states entering each decoder layer of
+    ``layers`` (the policy's start and the shared RMs') of each row's prompt and fed tokens, each row
+    completed to ``rm_ids(row, generated)`` (a reward model's full ids of the row: prompt + reply) where
+    those extend the sampled tokens, else kept at the sampled tokens (the RM row then goes the plain way).
+    ``bottom`` lays them out for ``BottomBatch``."""
+
+    def __init__(self, layers, prompts: list[list[int]], rm_ids, extra: int = EXTRA_STEPS):
+        self.layers = sorted({int(k) for k in layers})
+        self.layer, self.extra = self.layers[0], int(extra)
+        self.prompts = [[int(t) for t in p] for p in prompts]
+        self.rm_ids = rm_ids  # (row, generated ids) -> the RM's full ids, or None
+        self.generated: dict[int, list[int]] = {}
+        self.rm: dict[int, list[int]] = {}  # row -> RM full ids, completed by the sampler
+        self.prompt_hidden: dict[int, torch.Tensor] = {}
+        self.reply_hidden: dict[int, torch.Tensor] = {}
+        self.skipped: dict[int, str] = {}  # row -> why its RM ids were not run (reason)
+
+    def target(self, row: int, generated: list[int]) -> list[int] | None:
+        generated = [int(t) for t in generated]
+        self.generated[row] = generated
+        fed = generated[:-1]  # the sampler has fed these; the last sampled token not yet
+        prompt = self.prompts[row]
+        seq = self.rm_ids(row, generated)
+        if seq is not None:
+            seq = [int(t) for t in seq]
+            reply = seq[len(prompt):]
+            if seq[: len(prompt)] == prompt and reply[: len(fed)] == fed and len(reply) <= len(generated) + self.extra:
+                self.rm[row] = seq
+                return reply
+            self.skipped[row] = "the reward model's ids differ from the sampled ones"
+        return fed  # the policy's states only
+
+    def skip(self, row: int, reason: str) -> None:
+        self.skipped[row] = reason
+        self.rm.pop(row, None)
+
+    def collect(self, row: int, prompt_hidden: torch.Tensor, reply_hidden: torch.Tensor) -> None:
+        self.prompt_hidden[row], self.reply_hidden[row] = prompt_hidden, reply_hidden
+
+    def bottom(self, prompt_ids, completion_ids):
+        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, {row: (RM ids, {layer: states})}), or
+        None when a row was not recorded or its ids are not the sampled ones. The state at a
+        completion's last token is zero where the sampler did not feed it (the policy never reads it:
+        it predicts the token after the completion)."""
+        n = len(prompt_ids)
+        if n != len(self.prompts) or any(i not in self.prompt_hidden for i in range(n)):
+            return None
+        if any(list(prompt_ids[i]) != self.prompts[i] or list(completion_ids[i]) != self.generated.get(i)
+               for i in range(n)):
+            return None
+        p_width = max(len(p) for p in prompt_ids)
+        width = p_width + max(len(c) for c in completion_ids)
+        first = self.prompt_hidden[0]  # the recorded layers' states side by side: (T, len(layers) * H)
+        states = first.new_zeros(n, width, first.shape[-1])
+        captured = {}
+        for i in range(n):
+            p, r = self.prompt_hidden[i], self.reply_hidden[i]
+            states[i, p_width - len(p) : p_width] = p
+            m = min(len(r), len(completion_ids[i]))
+            states[i, p_width : p_width + m] = r[:m]
+            if i in self.rm:
+                captured[i] = (self.rm[i], dict(zip(self.layers, torch.cat([p, r]).chunk(len(self.layers), -1))))
+        return dict(zip(self.layers, states.chunk(len(self.layers), -1))), captured
+
+
 # -- the trainer ---------------------------------------------------------------------------------------
 class SharedBottomRLOOTrainer(RLOOTrainer):
     """TRL's ``RLOOTrainer`` for a top-k policy with one bottom forward per completion (module docstring).
@@ -313,9 +427,11 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
     (``make_topk_policy``). ``reward_funcs``: any TRL reward functions; ``RewardModelFunction``s of
     top-k RMs with the policy's bottom weights score through the shared bottom, the others as in TRL.
     ``use_decode_loop``: sample with ``DecodeLoop`` (per-row seeds from (seed, step, row)); False: TRL's
-    ``generate``. Other arguments as ``RLOOTrainer``'s."""
+    ``generate``. ``capture_bottom``: keep the bottom states while sampling (``SampledBottom``) instead of a
+    separate bottom forward after it (needs ``use_decode_loop``). Other arguments as ``RLOOTrainer``'s."""
 
-    def __init__(self, model, reward_funcs, args=None, use_decode_loop: bool = True, **kwargs):
+    def __init__(self, model, reward_funcs, args=None, use_decode_loop: bool = True, capture_bottom: bool = True,
+                 **kwargs):
         if args is None:
             raise ValueError("SharedBottomRLOOTrainer needs args (a trl.RLOOConfig)")
         if isinstance(model, str) or not isinstance(model, nn.Module):
@@ -332,6 +448,10 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         self.beta = beta
         self.ref_model = reference.to(self.accelerator.device)
         self.use_decode_loop = use_decode_loop
+        self.capture_bottom = capture_bottom
+        self._capture: SampledBottom | None = None
+        self._prompts: list | None = None  # the generation batch's prompts (messages), for the capture's RM ids
+        self.bottom_source = {"sampler": 0, "forward": 0}  # batches whose BottomBatch came from each
         self._batch: BottomBatch | None = None
         self._loss_bottom: torch.Tensor | None = None  # the loss micro-batch's bottom_hidden
         self._decode_loop: DecodeLoop | None = None
@@ -381,23 +501,47 @@ class SharedBottomRLOOTrainer(RLOOTrainer):
         stream = f"rloo-{mode}-rank-{self.accelerator.process_index}"
         seeds = [sample_seed(self.args.seed, f"step-{self.state.global_step}", i, stream=stream)
                  for i in range(len(prompt_ids))]
-        return self._decode_loop([list(p) for p in prompt_ids], seeds)
+        prompts = [list(p) for p in prompt_ids]
+        capture = None
+        if self.capture_bottom and self.pad_to_multiple_of is None:
+            layers = [self.policy_start, *(r.start_layer for r in self.shared_rewards)]
+            capture = self._capture = SampledBottom(layers, prompts, self._rm_ids(len(prompts)))
+        return self._decode_loop(prompts, seeds, capture=capture)
+
+    def _rm_ids(self, n: int):
+        """(row, generated ids) -> the first shared RM's full ids of the row, as ``SharedBottomReward`` will
+        encode it (TRL's decoded completion text), or None (no shared RM, or the prompts are unknown)."""
+        messages = self._prompts
+        if not self.shared_rewards or messages is None or len(messages) != n:
+            return lambda row, generated: None
+        reward = self.shared_rewards[0]
+
+        def rm_ids(row: int, generated: list[int]):
+            text = self.processing_class.batch_decode([generated], skip_special_tokens=True)[0]
+            return reward.rm_sequences([messages[row]], [text])[0]
+
+        return rm_ids
 
     def _sampled_bottom(self, prompt_ids, completion_ids):
-        """(states {layer: (N, W, H)}, keys/values cache or None) the sampler captured for these rows in
-        ``BottomBatch``'s layout, or None: the hook for a sampler that keeps the bottom while decoding
-        (without the cache, RM rows whose ids go beyond the policy's are scored the plain way)."""
-        return None
+        """(states {layer: (N, W, H)} in ``BottomBatch``'s layout, {row: (RM ids, {layer: states})}) that
+        the sampler captured for these rows (``SampledBottom.bottom``), or None."""
+        capture, self._capture = self._capture, None
+        return capture.bottom(prompt_ids, completion_ids) if capture is not None else None
 
     def _generate(self, prompts: list):
-        prompt_ids, completion_ids, completions = super()._generate(prompts)
+        self._prompts, self._capture = prompts, None
+        try:
+            prompt_ids, completion_ids, completions = super()._generate(prompts)
+        finally:
+            self._prompts = None
         self._batch = None
         if self.pad_to_multiple_of is None:  # otherwise TRL's layout differs: the plain forwards below
             lm = unwrap_causal_lm(self.accelerator.unwrap_model(self.model))
             layers = [self.policy_start, *(r.start_layer for r in self.shared_rewards)]
-            states, cache = self._sampled_bottom(prompt_ids, completion_ids) or (None, None)
+            states, captured = self._sampled_bottom(prompt_ids, completion_ids) or (None, None)
+            self.bottom_source["sampler" if states is not None else "forward"] += 1
             self._batch = BottomBatch.build(decoder_of(lm), prompt_ids, completion_ids, self._tokenizer.pad_token_id,
-                                            layers, self.accelerator.autocast, states=states, cache=cache)
+                                            layers, self.accelerator.autocast, states=states, captured=captured)
         return prompt_ids, completion_ids, completions
 
     # -- the bottom of the policy forwards -----------------------------------------------------------
