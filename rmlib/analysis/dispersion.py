@@ -493,6 +493,29 @@ def spreading_from_records(records: list[dict], prefix: str = "") -> claims.Regi
                                          for m in claims.GROWTH_METRICS})
 
 
+def summaries_from_records(records: Mapping[str, list[dict]], sets: tuple[str, ...] = ("heldout", "ood"),
+                           train_split: str = "train") -> pd.DataFrame:
+    """``dispersion_summary``-shaped rows from each model's LAST ``NormProbeCallback`` record, no
+    extra forward: split ``train_split`` = the training probe's statistics, and one split per eval
+    probe in ``sets`` (its ``<set>_<statistic>`` values, prefix removed). Feeds ``erank_shift_table``
+    and ``dispersion_findings`` for runs trained with eval probes (the zoo of notebook 04)."""
+    rows = []
+    for model, recs in records.items():
+        if not recs:
+            raise ValueError(f"{model}: no records")
+        last = recs[-1]
+        missing = [name for name in sets if f"{name}_accuracy" not in last]
+        if missing:
+            raise ValueError(f"{model}: the last record lacks eval probe(s) {missing}")
+        prefixes = tuple(f"{name}_" for name in sets)
+        own = {k: v for k, v in last.items() if k not in (*ID_COLUMNS, *LIST_FIELDS) and not k.startswith(prefixes)}
+        rows.append({"model": model, "split": train_split, "epoch": last.get("epoch"), "step": last.get("step"), **own})
+        for name in sets:
+            stats = {k[len(name) + 1:]: v for k, v in last.items() if k.startswith(f"{name}_")}
+            rows.append({"model": model, "split": name, "epoch": last.get("epoch"), "step": last.get("step"), **stats})
+    return pd.DataFrame(rows)
+
+
 # -- comparing reward models -------------------------------------------------------------------
 def hidden_norm_frame(hidden_by_split: dict[str, HiddenStates], model: str) -> pd.DataFrame:
     """||h|| of every reply (chosen and rejected) per evaluation split, long: model, split, h_norm
