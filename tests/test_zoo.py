@@ -23,8 +23,9 @@ class TestNames:
             zoo.plan({"bst": [0]}, {}, 0.25)
         with pytest.raises(ValueError, match="distinct integer seeds"):
             zoo.plan({"bt": [0, 0]}, {}, 0.25)
-        with pytest.raises(ValueError, match="must be > 0"):
-            zoo.plan({"bt": [0]}, {}, 0.0)
+        assert zoo.plan({"bt": [0]}, {}, 0.0) == {0.0: {"bt": [0]}}  # a paper's clean setting
+        with pytest.raises(ValueError, match="leave proxies_clean empty"):
+            zoo.plan({"bt": [0]}, {"bt": [1]}, 0.0)
         with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
             zoo.plan({"bt": [0]}, {}, 0.6)
 

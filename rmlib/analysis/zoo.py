@@ -104,16 +104,16 @@ def _check_members(members: Mapping, what: str) -> dict[str, list[int]]:
 
 
 def plan(proxies_noisy: Mapping, proxies_clean: Mapping, label_noise: float) -> dict[float, dict[str, list[int]]]:
-    """``{label_noise: proxies_noisy, 0.0: proxies_clean}`` checked (an empty level is left out);
-    the noisy level first. ``label_noise`` must be above 0 (the clean level is the other one)."""
+    """``{label_noise: proxies_noisy, 0.0: proxies_clean}`` checked (an empty level is left out), the
+    noisy level first. ``label_noise`` 0 (a paper's clean setting) needs ``proxies_clean`` empty: both
+    would be the 0% level."""
     p = check_noise(label_noise)
-    if p == 0:
-        raise ValueError("label_noise must be > 0: the clean (0%) level is proxies_clean")
-    out = {p: _check_members(proxies_noisy, "proxies_noisy"), 0.0: _check_members(proxies_clean, "proxies_clean")}
-    out = {k: v for k, v in out.items() if v}
-    if p not in out:
-        raise ValueError("proxies_noisy is empty: the noisy level is the zoo's point")
-    return out
+    noisy, clean = _check_members(proxies_noisy, "proxies_noisy"), _check_members(proxies_clean, "proxies_clean")
+    if not noisy:
+        raise ValueError("proxies_noisy is empty: the level at label_noise is the zoo's point")
+    if p == 0 and clean:
+        raise ValueError("label_noise is 0, so proxies_noisy is the 0% level already: leave proxies_clean empty")
+    return {k: v for k, v in {p: noisy, 0.0: clean}.items() if v}
 
 
 def all_seeds(zoo_plan: Mapping) -> list[int]:
