@@ -113,7 +113,7 @@ def plan(proxies_noisy: Mapping, proxies_clean: Mapping, label_noise: float) -> 
         raise ValueError("proxies_noisy is empty: the level at label_noise is the zoo's point")
     if p == 0 and clean:
         raise ValueError("label_noise is 0, so proxies_noisy is the 0% level already: leave proxies_clean empty")
-    return {k: v for k, v in {p: noisy, 0.0: clean}.items() if v}
+    return {p: noisy, **({0.0: clean} if clean else {})}
 
 
 def all_seeds(zoo_plan: Mapping) -> list[int]:
