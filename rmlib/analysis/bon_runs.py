@@ -177,7 +177,8 @@ class BonLevel:
     def regime_row(self) -> dict:
         return {"experiment": "04_bon_curves", "policy": self.policy, "noise": self.noise,
                 "reached": self.regime.reached, "test": self.regime.test, "numbers": self.regime.numbers,
-                "line": self.regime.line()}
+                "line": f"{zoo.noise_label(self.noise)}" + (f", {self.policy}" if self.policy else "")
+                        + f": {self.regime.line()}"}
 
 
 def analyze_level(scores: pd.DataFrame, noise: float, policy: str = "", n_boot: int = 1000, seed: int = 0,
