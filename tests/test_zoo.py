@@ -135,3 +135,13 @@ def test_summaries_from_records_split_the_eval_probes():
     assert "pair_distances" not in rows.columns and "heldout_erank" not in rows.columns
     with pytest.raises(ValueError, match=r"lacks eval probe\(s\) \['ood'\]"):
         dispersion.summaries_from_records({"bt": [{k: v for k, v in last.items() if not k.startswith("ood")}]})
+
+
+def test_findings_become_mitigation_claims_only_where_bt_spreads():
+    findings = pd.DataFrame({"model": ["bt", "bsr"], "claim": ["pair_dist_growth_mean"] * 2, "value": [1.5, 1.1],
+                             "baseline": [1.5, 1.5], "verdict": [None, claims.REPRODUCED]})
+    spreads = dispersion.mitigation_findings(findings, claims.Regime(True, "t", "n"))
+    assert pd.isna(spreads["verdict"].iloc[0]) and spreads["verdict"].iloc[1] == claims.REPRODUCED
+    assert spreads["rule_verdict"].iloc[1] == claims.REPRODUCED
+    flat = dispersion.mitigation_findings(findings.assign(verdict=[math.nan, claims.REPRODUCED]), claims.Regime(False, "t", "n"))
+    assert pd.isna(flat["verdict"].iloc[0]) and flat["verdict"].iloc[1] == claims.BT_NO_OVEROPT

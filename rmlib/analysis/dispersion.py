@@ -574,3 +574,15 @@ def dispersion_findings(records: dict[str, list[dict]], summaries: pd.DataFrame,
     out["verdict"] = [None if m == baseline else claims.relative_verdict(v, b, want="lower")
                       for m, v, b in zip(out["model"], out["value"], out["baseline"])]
     return out
+
+
+def mitigation_findings(findings: pd.DataFrame, bt_regime: claims.Regime) -> pd.DataFrame:
+    """``dispersion_findings`` with the claims read as mitigations (issue 19): ``rule_verdict`` keeps
+    rule 3's verdict against the baseline, ``verdict`` becomes ``claims.mitigation_verdict(bt_regime,
+    rule_verdict)`` ("keeps the spread in check" is tested only where BT spreads the hidden states,
+    ``spreading_from_records`` of the baseline); the baseline's own rows stay without a verdict."""
+    out = findings.copy()
+    out["rule_verdict"] = out["verdict"]
+    out["verdict"] = [None if v is None or (isinstance(v, float) and math.isnan(v))
+                      else claims.mitigation_verdict(bt_regime, v) for v in out["rule_verdict"]]
+    return out
