@@ -145,3 +145,21 @@ def test_findings_become_mitigation_claims_only_where_bt_spreads():
     assert spreads["rule_verdict"].iloc[1] == claims.REPRODUCED
     flat = dispersion.mitigation_findings(findings.assign(verdict=[math.nan, claims.REPRODUCED]), claims.Regime(False, "t", "n"))
     assert pd.isna(flat["verdict"].iloc[0]) and flat["verdict"].iloc[1] == claims.BT_NO_OVEROPT
+
+
+def test_training_sets_noise_the_training_pairs_only():
+    from rmlib.data.schema import pair_row, to_dataset
+
+    pairs = to_dataset([pair_row(id=f"p{i}", prompt=[{"role": "user", "content": f"q{i}"}], chosen=f"good {i}",
+                                 rejected=f"bad {i}", source="x", chosen_score=1.0, rejected_score=0.0)
+                        for i in range(200)])
+    plan = zoo.plan({"bt": [0]}, {"bt": [0]}, 0.25)
+    sets, heldout, report = zoo.training_sets(pairs, 40, plan, seed=3)
+    assert len(heldout) == 40 and all(c > r for c, r in zip(heldout["chosen_score"], heldout["rejected_score"]))
+    clean, noisy = sets[0.0], sets[0.25]
+    assert len(clean) == len(noisy) == 160 and set(clean["id"]) == set(noisy["id"]) and not set(clean["id"]) & set(heldout["id"])
+    wrong = sum(c < r for c, r in zip(noisy["chosen_score"], noisy["rejected_score"]))
+    assert report.set_index("p").loc[0.25, "flipped"] == wrong and 20 <= wrong <= 60  # ~25% of 160
+    assert report.set_index("p").loc[0.0, "flipped"] == 0
+    with pytest.raises(ValueError, match="n_heldout"):
+        zoo.training_sets(pairs, 1, plan)

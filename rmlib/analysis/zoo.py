@@ -140,6 +140,31 @@ def final_dirs(run_dir, zoo_plan: Mapping) -> dict[str, Path]:
 
 
 # -- pairs -------------------------------------------------------------------------------------
+def training_sets(relabeled: Dataset, n_heldout: int, zoo_plan: Mapping, seed: int = 0
+                  ) -> tuple[dict[float, Dataset], Dataset, pd.DataFrame]:
+    """Split gold-relabeled pairs into ``n_heldout`` held-out pairs (clean: Coste et al. never noise
+    evaluation pairs) and the training pairs, then give each level of the plan its copy of the
+    training pairs with that level's label noise (``synthetic_gold.add_label_noise``, seeded by
+    ``seed``; the 0% level is the clean copy). Returns ({level: pairs}, held-out pairs, one report row
+    per level: level, p, pairs, randomized, flipped, flipped_share)."""
+    from rmlib.data.splits import train_eval_split
+
+    if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 2:
+        raise ValueError(f"n_heldout must be an integer >= 2 (the held-out probe needs a spread), got {n_heldout!r}")
+    train, heldout = train_eval_split(relabeled, None, n_heldout, seed=seed)
+    sets, rows = {}, []
+    for p in levels(zoo_plan):
+        if p > 0:
+            noisy = synthetic_gold.add_label_noise(train, p, seed=seed)
+            sets[p], report = noisy.pairs, noisy.report()
+        else:
+            sets[p], report = train, {"p": 0.0, "pairs": len(train), "randomized": 0, "flipped": 0, "flipped_share": 0.0}
+        rows.append({"level": noise_label(p), **{k: report[k] for k in ("p", "pairs", "randomized", "flipped",
+                                                                          "flipped_share")}})
+    return sets, heldout, pd.DataFrame(rows)
+
+
+
 def save_pairs(run_dir, p: float, **sets: Dataset) -> dict[str, Path]:
     """Write the pair sets of a level (``train``, ``heldout``, ``ood``) as JSON lists, atomically."""
     unknown = sorted(set(sets) - set(PAIR_SETS))
