@@ -215,7 +215,7 @@ def gao_fit_figure(curves: pd.DataFrame, fits: pd.DataFrame, title: str = ""):
 
 def epoch_curves(table: pd.DataFrame, title: str = ""):
     """Notebook 01 under over-training: one line per model across epoch ends (epoch 0 = the untrained
-    model) for training / held-out / OOD accuracy, held-out BT loss (+-1.96 SEM), mean ||h_c - h_r||,
+    model) for training / held-out / OOD accuracy (+-1.96 binomial SE), held-out BT loss (+-1.96 SEM), mean ||h_c - h_r||,
     CV of ||h|| and effective rank (probe). ``table``: ``dispersion.epoch_table`` rows with a
     ``model`` column."""
     panels = [(c, t) for c, t in [("accuracy", "train accuracy (probe)"), ("heldout_accuracy", "held-out accuracy"),
@@ -227,6 +227,9 @@ def epoch_curves(table: pd.DataFrame, title: str = ""):
         for model, g in table.groupby("model", sort=False):
             g = g.sort_values("epoch")
             sem = g.get(f"{col}_sem") if col.endswith("_loss") else None
+            n = g.get(col.replace("accuracy", "n_pairs")) if col.endswith("accuracy") else None
+            if n is not None:  # binomial standard error of an accuracy on n pairs
+                sem = (g[col] * (1 - g[col]) / n) ** 0.5
             if sem is not None:
                 ax.errorbar(g["epoch"], g[col], yerr=1.96 * sem, marker="o", ms=3, capsize=2, label=model)
             else:

@@ -163,3 +163,9 @@ def test_training_sets_noise_the_training_pairs_only():
     assert report.set_index("p").loc[0.0, "flipped"] == 0
     with pytest.raises(ValueError, match="n_heldout"):
         zoo.training_sets(pairs, 1, plan)
+
+
+def test_noise_of_a_zoo_folder(tmp_path):
+    assert zoo.noise_of_path(zoo.proxy_final_dir(tmp_path, 0.25, "bt", 0)) == 0.25
+    assert zoo.noise_of_path("runs/cpu/zoo/noise0/models/bon_proxy_bt_s0/final") == 0.0
+    assert zoo.noise_of_path("runs/cpu/models/bon_proxy_bt_s0/final") is None

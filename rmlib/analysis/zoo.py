@@ -73,6 +73,13 @@ def proxy_final_dir(run_dir, p: float, variant: str, seed: int) -> Path:
     return synthetic_gold.model_dir(level_dir(run_dir, p), synthetic_gold.proxy_name(variant, seed)) / "final"
 
 
+def noise_of_path(path) -> float | None:
+    """The noise level of a zoo proxy folder (``.../zoo/noise25/models/...``: 0.25), None for a folder
+    outside the zoo (notebook 05 states the level of the proxies it optimizes against)."""
+    m = re.search(r"(?:^|/)zoo/noise(\d+)/", Path(path).as_posix())
+    return int(m[1]) / 100 if m else None
+
+
 def score_column(name: str, p: float) -> str:
     """Best-of-N score column of a proxy at a noise level: ``<proxy name>@noise<pct>``."""
     synthetic_gold.parse_proxy_name(name)
