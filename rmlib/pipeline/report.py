@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ SANITY_BAR = 0.62  # issue 3: BT on HH-RLHF, ~1,800 train / 500 held-out pairs, 
 
 def _reached(value) -> bool | None:
     """A ``reached`` cell read back from CSV (True / False / empty) as a bool or None."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str):
         return {"true": True, "false": False}.get(value.strip().lower())
