@@ -80,7 +80,8 @@ def plot_bon_curves(curves: pd.DataFrame, policy: str | None = None, title: str 
         ax.plot(g["kl_bon"], g["gold_norm"], ls="-", color=c, marker="o", ms=3, label="gold")
         band(ax, g, "gold_norm", c)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{VARIANT_LABELS.get(variant, variant)} ({int(g['n_seeds'].iloc[0])} seed(s))")
+        seeds = "" if (g["n_seeds"].iloc[0] == 1 and variant not in VARIANTS) else f" ({int(g['n_seeds'].iloc[0])} seed(s))"
+        ax.set_title(f"{VARIANT_LABELS.get(variant, variant)}{seeds}")  # an ensemble is one curve of several seeds
         ax.set_xlabel("KL_bon = log n - (n-1)/n")
     axes[0].set_ylabel("score - score at n=1")
     axes[0].legend(loc="upper left", fontsize=8)
