@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick
+.PHONY: venv reproduce test test-unit test-dist lab clean-runs bench bench-quick gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -27,19 +27,19 @@ reproduce: $(STAMP)
 
 ## Unit tests, then the notebooks under nbval on the smoke preset
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 	$(PY) -m rmlib.pipeline.reproduce --preset smoke --prepare-only --out runs/nbval
 	# in dependency order (rmlib.pipeline.presets.NOTEBOOK_ORDER: 04 trains the zoo 01 and 05 read), not alphabetical
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider $$($(PY) -c "from rmlib.pipeline.presets import NOTEBOOK_ORDER; print(' '.join(f'runs/nbval/{s}.ipynb' for s in NOTEBOOK_ORDER))")
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
 
 ## The two-process accelerate tests alone (they also run in `make test`)
 test-dist: $(STAMP)
 	$(PY) -m pytest -q -m dist tests
 
-## Speed benchmark (issues 9, 3 and 18): bench/results.md + bench/results.json (~62 min on a quiet 2-core machine)
+## Speed benchmark (issues 9, 3 and 18): bench/results.md + bench/results.json (~71 min on a quiet 2-core machine)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
@@ -54,3 +54,14 @@ lab: $(STAMP)
 
 clean-runs:
 	rm -rf runs/
+
+## Issue 20, on a machine with one CUDA GPU: GPU tests, one FSDP training, the GPU bench rows, the gpu_local
+## preset -> OUT (log, summary, bench, results, figures). GPU_CHECK_ARGS: e.g. --wheels .whl --data DIR
+OUT ?= runs/gpu_check
+gpu-check:
+	$(PYTHON_SYS) -m rmlib.pipeline.gpu_check $(OUT) $(GPU_CHECK_ARGS)
+
+## The same sequence on CPU at tiny sizes (smoke preset, bench --quick): rehearses gpu-check (~20 min here);
+## GPU_CHECK_ARGS="--payload .gpu" rehearses the payload too (made by rmlib.pipeline.gpu_payload pack)
+gpu-check-dry: $(STAMP)
+	$(PY) -m rmlib.pipeline.gpu_check $(OUT)-dry --dry-run $(GPU_CHECK_ARGS)

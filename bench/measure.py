@@ -2,8 +2,10 @@
 
 ``bench.run`` starts each in a fresh process (its own peak RSS, its own fresh cache folder in
 ``RMLIB_CACHE_DIR``, so the bottom store is built from scratch) and reads RESULT.json. SPEC holds
-``name`` (a key of ``MEASURE``), ``backbone`` (the resolved model folder), ``sizes`` and
-``threads``. Every timing here is wall-clock ``time.perf_counter`` around the work alone.
+``name`` (a key of ``MEASURE``), ``backbone`` (the resolved model folder), ``sizes``,
+``threads`` and ``device`` (``cpu``, the default, or ``cuda``: ``bench.run --device cuda``, issue 20).
+Every timing here is wall-clock ``time.perf_counter`` around the work alone (on CUDA after a
+``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -60,11 +62,22 @@ def accuracy(chosen: np.ndarray, rejected: np.ndarray, kept: np.ndarray, seconds
             "n_all": int(wins.size), "n_kept": int(kept.sum()), "seconds": seconds}
 
 
-def autocast():
+def autocast(device: str = "cpu"):
     """bf16 autocast if the run computes in bf16 (the parent sets RMLIB_BF16 from --precision), else fp32."""
     from rmlib.core.precision import autocast as rm_autocast
 
-    return rm_autocast("cpu", "auto")
+    return rm_autocast(device, "auto")
+
+
+def device_of(spec: dict) -> str:
+    """Where the measurement runs: ``cpu`` (default) or ``cuda`` (``bench.run --device``)."""
+    return spec.get("device", "cpu")
+
+
+def sync(device) -> None:
+    """Wait for queued CUDA work, so that a wall-clock timer stops after it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def rmlib_train_config(spec: dict, output_dir: str, mode: str):
@@ -73,8 +86,8 @@ def rmlib_train_config(spec: dict, output_dir: str, mode: str):
     z = spec["sizes"]
     return RMConfig(output_dir=output_dir, backbone=spec["backbone"], mode=mode, top_k_layers=z["top_k_layers"],
                     learning_rate=z["learning_rate"], per_device_train_batch_size=z["batch_pairs"],
-                    max_length=z["max_length"], bf16=spec["bf16"], use_cpu=True, seed=z["seed"], save_strategy="no",
-                    disable_tqdm=True)
+                    max_length=z["max_length"], bf16=spec["bf16"], use_cpu=device_of(spec) == "cpu", seed=z["seed"],
+                    save_strategy="no", disable_tqdm=True)
 
 
 # -- measurements ------------------------------------------------------------------------------------
@@ -83,21 +96,24 @@ def measure_peak(spec: dict) -> dict:
     from rmlib.core.precision import bf16_is_fast
 
     z = spec["sizes"]
+    dev = device_of(spec)
     out: dict = {"sizes": z["matmul_sizes"], "repeats": z["matmul_repeats"], "bf16_gflops": {}, "fp32_gflops": {},
-                 "bf16_native": bf16_is_fast("cpu")}
+                 "bf16_native": bf16_is_fast(dev), "device": dev}
     for dtype, key in ((torch.bfloat16, "bf16_gflops"), (torch.float32, "fp32_gflops")):
         # emulated bf16 (no AVX-512) runs ~1 GFLOP/s: one small matmul shows it without taking minutes
         sizes = z["matmul_sizes"] if dtype == torch.float32 or out["bf16_native"] else [512]
         for n in sizes:
             g = torch.Generator().manual_seed(0)
-            a = torch.randn(n, n, generator=g).to(dtype)
-            b = torch.randn(n, n, generator=g).to(dtype)
+            a = torch.randn(n, n, generator=g).to(dev, dtype)
+            b = torch.randn(n, n, generator=g).to(dev, dtype)
             for _ in range(2):  # warm-up (allocations, kernel choice)
                 a @ b
             times = []
             for _ in range(z["matmul_repeats"]):
+                sync(dev)
                 t0 = time.perf_counter()
                 a @ b
+                sync(dev)
                 times.append(time.perf_counter() - t0)
             out[key][str(n)] = matmul_flops(n) / statistics.median(times) / 1e9
             log(f"matmul {n}^3 {str(dtype).removeprefix('torch.')}: {out[key][str(n)]:.0f} GFLOP/s")
@@ -115,15 +131,16 @@ def score_seqcls(model, sequences: list[list[int]], pad_id: int, batch_size: int
     from rmlib.model.encoding import pad_sequences
 
     model.eval()
+    dev = next(model.parameters()).device
     order = np.argsort(-np.array([len(s) for s in sequences]), kind="stable")
     out = np.zeros(len(sequences), np.float32)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size].tolist()
         batch = pad_sequences([sequences[i] for i in idx], [[0] * len(sequences[i]) for i in idx], pad_id,
                               pad_to_multiple_of=None)
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out[idx] = logits[:, 0].float().numpy()
+        with autocast(dev.type):
+            logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        out[idx] = logits[:, 0].float().cpu().numpy()
     return out
 
 
@@ -160,13 +177,14 @@ def measure_trl(spec: dict) -> dict:
                     else {"gradient_checkpointing": False})
         args = RewardConfig(output_dir=tmp, learning_rate=z["learning_rate"], num_train_epochs=1,
                             per_device_train_batch_size=z["batch_pairs"], max_length=z["max_length"], bf16=spec["bf16"],
-                            use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=z["seed"],
-                            **ckpt_off)
+                            use_cpu=device_of(spec) == "cpu", report_to="none", save_strategy="no", disable_tqdm=True,
+                            seed=z["seed"], **ckpt_off)
         trainer = CountingRewardTrainer(model=spec["backbone"], args=args, train_dataset=to_trl_dataset(train))
         kept = len(trainer.train_dataset)
         log(f"TRL keeps {kept} of {len(train)} pairs (our rule predicts {expected_kept}); training")
         t0 = time.perf_counter()
         trainer.train()
+        sync(trainer.args.device)
         train_s = time.perf_counter() - t0
         model = trainer.model
         grad_ckpt = bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
@@ -398,7 +416,8 @@ def measure_sampling(spec: dict) -> dict:
     temperature, top_p = 0.7, 0.95
     p_len, n_new = z["sampling_prompt_tokens"], z["sampling_new_tokens"]
     tok = load_tokenizer(spec["backbone"])
-    policy = load_causal_lm(spec["backbone"]).eval()
+    dev = device_of(spec)
+    policy = load_causal_lm(spec["backbone"]).eval().to(dev)
     stops, pad = stop_token_ids(policy, tok), tok.pad_token_id
     all_prompts = sampling_prompts(tok, max(z["sampling_batches"]), p_len, z["seed"])
 
@@ -406,19 +425,20 @@ def measure_sampling(spec: dict) -> dict:
         cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=new,
                                eos_token_id=stops, pad_token_id=pad, use_cache=True)
         torch.manual_seed(z["seed"])
-        ids = torch.tensor(prompts)
-        with torch.no_grad(), autocast():
+        ids = torch.tensor(prompts, device=dev)
+        with torch.no_grad(), autocast(dev):
             out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
         return _until_stop(out[:, ids.shape[1]:].tolist(), stops)
 
     def raw(prompts, new):
-        ids = torch.tensor(prompts)
-        pos = torch.arange(ids.shape[1]).expand(len(prompts), -1)
+        ids = torch.tensor(prompts, device=dev)
+        pos = torch.arange(ids.shape[1], device=dev).expand(len(prompts), -1)
         cache, last = DynamicCache(), ids[:, -1:]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(dev):
             policy(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
             for k in range(new - 1):  # the prefill gave the first token's logits
                 policy(input_ids=last, position_ids=pos[:, -1:] + 1 + k, past_key_values=cache, use_cache=True)
+        sync(dev)
         return [[0] * new for _ in prompts]
 
     loop_info = {}
@@ -437,8 +457,10 @@ def measure_sampling(spec: dict) -> dict:
     for b in z["sampling_batches"]:
         row = {"batch": b}
         for name, fn in engines.items():
+            sync(dev)
             t0 = time.perf_counter()
             rows = fn(all_prompts[:b], n_new)
+            sync(dev)
             dt = time.perf_counter() - t0
             tokens = sum(len(r) for r in rows)
             row[name] = {"seconds": dt, "tokens": tokens, "tokens_per_second": tokens / dt,
@@ -448,7 +470,195 @@ def measure_sampling(spec: dict) -> dict:
             log(f"B={b} {name}: {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tok/s")
         batches.append(row)
     return {"prompt_tokens": p_len, "new_tokens": n_new, "temperature": temperature, "top_p": top_p,
-            "sampler": SAMPLER, "batches": batches}
+            "sampler": SAMPLER, "batches": batches, "device": dev}
+
+
+def _rloo_part(spec: dict, kind: str, rm_dir: str, prompts: list[dict], out_dir: str) -> dict:
+    """One trainer of ``measure_rloo_step`` in this (fresh, spawned) process: optimizer-step wall
+    times, TRL's logged metrics, and this process's peak RSS."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.rloo.reward_fn import RewardModelFunction
+    from rmlib.rloo.shared_bottom import SharedBottomRLOOTrainer, make_topk_policy
+
+    torch.set_num_threads(int(spec["threads"]))
+    z = spec["sizes"]
+    tok = load_tokenizer(spec["backbone"])
+    tok.padding_side = "left"
+    policy = make_topk_policy(load_causal_lm(spec["backbone"]), z["rloo_policy_top_k"])
+    rm = RewardModelFunction.from_dir(rm_dir, name="proxy_rm", max_length=512, batch_size=16, bf16=spec["bf16"])
+    args = RLOOConfig(output_dir=out_dir, per_device_train_batch_size=z["rloo_prompts"] * z["rloo_k"],
+                      num_generations=z["rloo_k"], beta=z["rloo_beta"], max_completion_length=z["rloo_completion_tokens"],
+                      temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, learning_rate=1e-6,
+                      max_steps=z["rloo_steps"], bf16=spec["bf16"], use_cpu=True, report_to="none", save_strategy="no",
+                      logging_steps=1, shuffle_dataset=False, remove_unused_columns=False, disable_dropout=True,
+                      activation_checkpointing=False, normalize_advantages=False, seed=z["seed"], disable_tqdm=True)
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self.t0)
+            log(f"{kind}: step {state.global_step} in {self.seconds[-1]:.1f} s")
+
+    clock = StepClock()
+    data = Dataset.from_list([{"prompt": p} for p in prompts])
+    cls = SharedBottomRLOOTrainer if kind == "rmlib" else RLOOTrainer
+    trainer = cls(model=policy, reward_funcs=rm, args=args, train_dataset=data, processing_class=tok,
+                  callbacks=[clock])
+    shared = [f.__name__ for f in getattr(trainer, "shared_rewards", [])]
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "completions/mean_length" in r]
+    timed = clock.seconds[1:] or clock.seconds  # the first step warms up
+    return {"kind": kind, "step_seconds": clock.seconds, "median_step_seconds": statistics.median(timed),
+            "mean_completion_tokens": float(np.mean([r["completions/mean_length"] for r in logged])),
+            "reward_mean": float(np.mean([r["rewards/proxy_rm/mean"] for r in logged])),
+            "shared_bottom_rewards": shared, "reference": type(trainer.ref_model).__name__,
+            "reward_rows_shared_plain": [[f.rows_shared, f.rows_plain] for f in getattr(trainer, "shared_rewards", [])],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def measure_rloo_step(spec: dict) -> dict:
+    """One RLOO optimizer step, rmlib (``SharedBottomRLOOTrainer``: DecodeLoop sampling, one bottom
+    forward per completion for policy, reference and proxy) vs TRL's ``RLOOTrainer`` in its plain
+    configuration (HF generate, a second full reference model, the proxy as a reward function scoring
+    whole sequences): the same policy (SmolLM2, top ``rloo_policy_top_k`` layers + norm train), k,
+    prompts per step, completion length, beta, T = 1, top-p 1; the proxy a top-k RM of the same
+    backbone (untrained head: its speed is a trained one's). Each trainer runs ``rloo_steps`` steps
+    in its own spawned process (its own peak RSS); median step time over the steps after the first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rmlib.model.assets import load_tokenizer
+    from rmlib.model.reward_model import (
+        ModelSpec,
+        build_reward_model,
+        save_reward_model,
+    )
+    from rmlib.rloo.prompts import build_prompt_sets
+
+    z = spec["sizes"]
+    n_prompts = z["rloo_prompts"] * z["rloo_steps"]
+    tok = load_tokenizer(spec["backbone"])
+    sets = build_prompt_sets(n_train=n_prompts, n_eval=1, seed=z["seed"], sources=["hh-rlhf"], tokenizer=tok,
+                             max_prompt_tokens=z["rloo_max_prompt_tokens"])
+    prompts = [p["prompt"] for p in sets.train]
+    parts = {}
+    with tempfile.TemporaryDirectory(prefix="rloo-step-") as tmp:
+        rm = build_reward_model(ModelSpec(backbone=spec["backbone"], head="linear", mode="topk",
+                                          top_k_layers=z["top_k_layers"]), seed=z["seed"])
+        save_reward_model(rm, Path(tmp) / "proxy", tok)
+        del rm
+        ctx = multiprocessing.get_context("spawn")
+        for kind in ("rmlib", "trl"):
+            log(f"{kind}: {z['rloo_steps']} steps of {z['rloo_prompts']} prompts x k={z['rloo_k']}, "
+                f"{z['rloo_completion_tokens']} new tokens")
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                parts[kind] = pool.submit(_rloo_part, spec, kind, str(Path(tmp) / "proxy"), prompts,
+                                          str(Path(tmp) / kind)).result()
+    return {"prompts_per_step": z["rloo_prompts"], "k": z["rloo_k"], "completion_tokens": z["rloo_completion_tokens"],
+            "beta": z["rloo_beta"], "steps": z["rloo_steps"], "policy_top_k": z["rloo_policy_top_k"],
+            "rm_top_k": z["top_k_layers"], **parts}
+def measure_bon_cost(spec: dict) -> dict:
+    """Best-of-N cost per sample: sampling N replies for each of ``bon_prompts`` HH prompts (as
+    notebook 04 does: ``sample_responses``, batch ``gen_batch``, T=0.7, top-p 0.95) then scoring every
+    sample by a gold and ``bon_proxies`` proxy top-k reward models (``bon_runs.score_with_all`` on saved
+    folders, one model loaded at a time), against sampling alone.
+
+    Three timed phases: (1) sampling alone; (2) scoring those samples with a fresh bottom store (the
+    store build: a second forward through the bottom; the path without capture); (3) sampling again
+    with the bottom captured into a fresh store (``capture_store``), then scoring (top layers only).
+    The reward models are built from the backbone (head seeds differ) and saved as notebook 04's are;
+    their weights are untrained, which changes no cost. The lookup of the store the models share
+    (``bon_runs.capture_store_for``: each model loaded once) is timed apart (once per run, any N)."""
+    import shutil
+
+    from rmlib.analysis import bon_runs
+    from rmlib.model.assets import load_causal_lm, load_tokenizer
+    from rmlib.model.generation import sample_responses
+    from rmlib.model.reward_model import (
+        ModelSpec,
+        build_reward_model,
+        load_reward_model,
+        save_reward_model,
+    )
+
+    z = spec["sizes"]
+    tok = load_tokenizer(spec["backbone"])
+    prompts = generation_prompts(tok, z["bon_prompts"], z["gen_max_prompt_tokens"], z["seed"])
+    ids = [f"p{i}" for i in range(len(prompts))]
+    root = Path(tempfile.mkdtemp(prefix="bon-cost-"))
+    base_cache = os.environ.get("RMLIB_CACHE_DIR")
+    try:
+        rms = {}
+        log(f"building and saving 1 gold + {z['bon_proxies']} proxy top-{z['top_k_layers']} reward models")
+        for k in range(1 + z["bon_proxies"]):
+            name = "gold" if k == 0 else f"proxy_{k}"
+            model = build_reward_model(ModelSpec(backbone=spec["backbone"], mode="topk", top_k_layers=z["top_k_layers"]),
+                                       seed=z["seed"] + k)
+            rms[name] = save_reward_model(model, root / name, tok)
+            del model
+        t0 = time.perf_counter()
+        load_reward_model(rms["gold"])  # what each scoring does per model (the files are in the page cache)
+        load_s = time.perf_counter() - t0
+        policy = load_causal_lm(spec["backbone"]).eval()  # float32: the reward models' dtype (the store key's)
+        kw = {"n": z["bon_samples"], "batch_size": z["gen_batch"], "max_new_tokens": z["bon_max_new_tokens"],
+              "seed": z["seed"], "progress": False}
+        log("warm-up (2 prompts, 4 new tokens)")
+        sample_responses(policy, tok, prompts[:2], ids[:2], out_path=root / "warm.jsonl", **{**kw, "max_new_tokens": 4})
+
+        def fresh_cache(name: str) -> None:  # store_for looks in RMLIB_CACHE_DIR: a fresh one per path
+            os.environ["RMLIB_CACHE_DIR"] = str(root / f"cache-{name}")
+
+        fresh_cache("plain")
+        t0 = time.perf_counter()
+        df = sample_responses(policy, tok, prompts, ids, out_path=root / "plain.jsonl", **kw)
+        sample_s = time.perf_counter() - t0
+        tokens = int(df["n_tokens"].sum() + df["finished"].sum())
+        log(f"sampling alone: {len(df)} samples, {tokens} tokens in {sample_s:.1f} s")
+        t0 = time.perf_counter()
+        plain_scores = bon_runs.score_with_all(rms, df, root / "plain-scores.jsonl", progress=False)
+        plain_score_s = time.perf_counter() - t0
+        log(f"scoring by {len(rms)} models with a fresh store (its build included): {plain_score_s:.1f} s")
+
+        fresh_cache("capture")
+        t0 = time.perf_counter()
+        store = bon_runs.capture_store_for(rms)
+        lookup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dfc = sample_responses(policy, tok, prompts, ids, out_path=root / "capture.jsonl", capture_store=store, **kw)
+        capture_sample_s = time.perf_counter() - t0
+        info = dfc.attrs["capture"]
+        log(f"sampling with capture: {capture_sample_s:.1f} s; {info['report']}")
+        t0 = time.perf_counter()
+        capture_scores = bon_runs.score_with_all(rms, dfc, root / "capture-scores.jsonl", progress=False)
+        capture_score_s = time.perf_counter() - t0
+        log(f"scoring by {len(rms)} models through the captured store: {capture_score_s:.1f} s (store lookup "
+            f"{lookup_s:.1f} s, apart)")
+        same = dfc["response_ids"].tolist() == df["response_ids"].tolist()
+        diff = float(np.nanmax(np.abs(capture_scores[list(rms)].to_numpy() - plain_scores[list(rms)].to_numpy()))) \
+            if same else None
+    finally:
+        if base_cache is None:
+            os.environ.pop("RMLIB_CACHE_DIR", None)
+        else:
+            os.environ["RMLIB_CACHE_DIR"] = base_cache
+        shutil.rmtree(root, ignore_errors=True)
+    return {"prompts": len(prompts), "samples_per_prompt": z["bon_samples"], "samples": len(df),
+            "max_new_tokens": z["bon_max_new_tokens"], "batch_size": z["gen_batch"], "reward_models": len(rms),
+            "top_k_layers": z["top_k_layers"], "tokens": tokens, "rm_load_seconds": load_s,
+            "sampling_seconds": sample_s, "plain": {"score_seconds": plain_score_s},
+            "capture": {"sample_seconds": capture_sample_s, "score_seconds": capture_score_s,
+                        "store_lookup_seconds": lookup_s, "captured": info["captured"], "present": info["present"],
+                        "fallback": info["fallback"]},
+            "same_samples": same, "max_abs_score_diff_capture_vs_plain": diff}
 
 
 def measure_sweep(spec: dict) -> dict:
@@ -492,6 +702,8 @@ MEASURE = {
     "scoring": measure_scoring,
     "generation": measure_generation,
     "sampling": measure_sampling,
+    "rloo_step": measure_rloo_step,
+    "bon_cost": measure_bon_cost,
     "sweep_one": measure_sweep,
     "sweep": measure_sweep,
 }

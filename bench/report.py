@@ -24,6 +24,10 @@ SAMPLING_LINE_PREFIX = "sampling speed vs HF generate: "
 # issue 18's targets for the sampling engine, at every batch size
 SAMPLING_TARGET_VS_HF = 2.5
 SAMPLING_TARGET_OF_RAW = 0.8
+RLOO_LINE_PREFIX = "RLOO step speed vs TRL RLOOTrainer: "
+RLOO_TARGET = 2.0  # issue 18: rmlib's RLOO step >= 2x TRL's
+BON_LINE_PREFIX = "Best-of-N cost per sample vs sampling alone: "
+BON_TARGET = 1.3  # issue 18: sample + score by the gold RM and every proxy, per sample, vs sampling alone
 ALL_PAIRS_LINE_PREFIX = "all-pairs training speed vs TRL RewardTrainer: "
 # the six losses of issue 9, by their names in rmlib.reward.variants.VARIANTS (bench.run checks them first)
 SWEEP_VARIANTS = ("bt", "bsr", "center", "grm", "grm_dpo_noref", "bsr_grm")
@@ -40,6 +44,9 @@ MEASUREMENTS: dict[str, str] = {
     "scoring": "scoring: batched plain / per-example loop / store path",
     "generation": "generation: sample_responses batch 32 / batch-1 generate",
     "sampling": "sampling engine: rmlib DecodeLoop / HF generate / raw decode forward, several batch sizes",
+    "rloo_step": "RLOO step: rmlib shared-bottom top-k RLOO vs TRL RLOOTrainer (plain), same policy and sizes",
+    "bon_cost": "Best-of-N cost: sample + score by a gold and every proxy top-k RM (bottom captured while sampling) "
+                "vs sampling alone",
     "sweep_one": "one BT run, mode topk, fresh store",
     "sweep": "6-loss sweep, mode topk, fresh store",
 }
@@ -187,6 +194,14 @@ def summarize(results: dict) -> dict[str, Any]:
                           "raw_vs_hf": ratio(r["raw_decode"]["tokens_per_second"],
                                              r["hf_generate"]["tokens_per_second"])}
                          for r in sp["batches"]]
+    rl = _result(results, "rloo_step")
+    if rl:
+        s["rloo_ratio"] = ratio(rl["trl"]["median_step_seconds"], rl["rmlib"]["median_step_seconds"])
+    bon = _result(results, "bon_cost")
+    if bon:
+        alone = bon["sampling_seconds"]
+        s["bon_ratio"] = ratio(bon["capture"]["sample_seconds"] + bon["capture"]["score_seconds"], alone)
+        s["bon_ratio_plain"] = ratio(alone + bon["plain"]["score_seconds"], alone)
     one, sweep = _result(results, "sweep_one"), _result(results, "sweep")
     if one and sweep:
         s["sweep_ratio"] = ratio(sweep["total_seconds"], one["total_seconds"])
@@ -315,6 +330,21 @@ def main_rows(results: dict, s: dict) -> list[list[str]]:
                      f"{sp['new_tokens']} new tokens (HF generate: {r['hf_generate']['tokens_per_second']:.1f} tok/s)",
                      _f(r["rmlib"]["tokens_per_second"], ".1f", " tok/s"), _x(big["vs_hf"]) + " vs HF generate", "–",
                      _pct(big["of_raw"]) + " of raw decode", _rss(results, "sampling")])
+    if not missing("rloo_step", "RLOO step"):
+        rl = _result(results, "rloo_step")
+        rows.append([f"RLOO step, TRL RLOOTrainer (plain), {rl['prompts_per_step']} prompts x k={rl['k']}, "
+                     f"{rl['completion_tokens']} new tokens", _f(rl["trl"]["median_step_seconds"], ".1f", " s/step"),
+                     "1.00x (baseline)", "–", "–", _gib(rl["trl"]["peak_rss_bytes"])])
+        rows.append(["RLOO step, rmlib shared bottom (mode topk), same sizes",
+                     _f(rl["rmlib"]["median_step_seconds"], ".1f", " s/step"), _x(s["rloo_ratio"]) + " vs TRL", "–",
+                     "–", _gib(rl["rmlib"]["peak_rss_bytes"])])
+    if not missing("bon_cost", "Best-of-N cost"):
+        b = _result(results, "bon_cost")
+        total = b["capture"]["sample_seconds"] + b["capture"]["score_seconds"]
+        rows.append([f"Best-of-N: sample {b['samples']} ({b['prompts']} prompts x {b['samples_per_prompt']}) + score by "
+                     f"{b['reward_models']} top-{b['top_k_layers']} RMs, bottom captured while sampling",
+                     _f(b["samples"] / total if total else None, ".2f", " samples/s"),
+                     _x(s.get("bon_ratio")) + " cost vs sampling alone", "–", "–", _rss(results, "bon_cost")])
     if not missing("sweep_one", "one BT run"):
         o = _result(results, "sweep_one")
         rows.append([f"one BT run, mode topk, {o['pairs']} pairs, fresh store (load + store + train)",
@@ -374,6 +404,10 @@ def target_rows(results: dict, s: dict) -> list[list[str]]:
     sw = s.get("sweep_ratio")
     rows.append(["6-loss sweep <= 1.5x one run", _x(sw), _yes_no(None if sw is None else sw <= 1.5)])
     rows.append(sampling_target_row(s))
+    rr = s.get("rloo_ratio")
+    rows.append([f"RLOO step >= {RLOO_TARGET:.0f}x TRL RLOOTrainer (issue 18)", _x(rr),
+                 _yes_no(None if rr is None else rr >= RLOO_TARGET)])
+    rows.append(bon_target_row(results, s))
     rss = [m.get("peak_rss_bytes") for m in results.get("measurements", {}).values() if m.get("peak_rss_bytes")]
     rows.append(["`make reproduce` (cpu) < 60 min, peak RSS < 8 GiB",
                  f"not measured by `make bench`; largest peak RSS of a measurement here: {_gib(max(rss) if rss else None)}",
@@ -391,6 +425,23 @@ def sampling_line(s: dict, why_missing: str = "") -> str:
     others = "; ".join(f"batch {r['batch']}: {_x(r['vs_hf'])}, {_pct(r['of_raw'])} of raw" for r in sp[:-1])
     return (SAMPLING_LINE_PREFIX + f"{big['vs_hf']:.2f}x at batch {big['batch']} ({_pct(big['of_raw'])} of the raw "
             f"decode throughput)" + (f"; {others}" if others else ""))
+
+
+def bon_line(results: dict, s: dict, why_missing: str = "") -> str:
+    """``Best-of-N cost per sample vs sampling alone: N.NNx (target <= 1.3x)``, then the path without
+    capture and the peak RSS; or ``n/a (...)``."""
+    r = s.get("bon_ratio")
+    if r is None:
+        return BON_LINE_PREFIX + f"n/a ({why_missing or 'not measured'})"
+    return (BON_LINE_PREFIX + f"{r:.2f}x (target <= {BON_TARGET}x); without capture (the store built when scoring): "
+            f"{_x(s.get('bon_ratio_plain'))}; peak RSS {_rss(results, 'bon_cost')}")
+
+
+def bon_target_row(results: dict, s: dict) -> list[str]:
+    r = s.get("bon_ratio")
+    return [f"Best-of-N cost per sample (sample + score by the gold RM and every proxy) <= {BON_TARGET}x sampling "
+            "alone (issue 18)", f"{_x(r)} (without capture {_x(s.get('bon_ratio_plain'))}); peak RSS "
+            f"{_rss(results, 'bon_cost')}", _yes_no(None if r is None else r <= BON_TARGET)]
 
 
 def sampling_target_row(s: dict) -> list[str]:
@@ -421,6 +472,28 @@ def sampling_rows(results: dict, s: dict) -> list[list[str]]:
     return rows
 
 
+def rloo_line(s: dict, why_missing: str = "") -> str:
+    """``RLOO step speed vs TRL RLOOTrainer: N.NNx (target >= 2x)``: TRL's median step time / rmlib's."""
+    r = s.get("rloo_ratio")
+    got = f"{r:.2f}x" if r is not None else f"n/a ({why_missing or 'not measured'})"
+    return RLOO_LINE_PREFIX + got + f" (target >= {RLOO_TARGET:.0f}x)"
+
+
+def rloo_rows(rl: dict) -> list[list[str]]:
+    rows = []
+    for kind, label in (("trl", "TRL RLOOTrainer (plain)"), ("rmlib", "rmlib SharedBottomRLOOTrainer")):
+        r = rl[kind]
+        rows.append([label, _f(r["median_step_seconds"], ".2f"), ", ".join(f"{x:.1f}" for x in r["step_seconds"]),
+                     _f(r["mean_completion_tokens"], ".1f"), r.get("reference", "?"),
+                     ", ".join(f"{name} ({a} rows shared, {b} plain)" for name, (a, b) in
+                               zip(r.get("shared_bottom_rewards") or [], r.get("reward_rows_shared_plain") or []))
+                     or "none", _gib(r["peak_rss_bytes"])])
+    return rows
+
+
+GPU_LINE_PREFIX = "GPU training speed, full fine-tuning vs TRL RewardTrainer: "
+
+
 def render_markdown(results: dict) -> str:
     """The whole ``bench/results.md`` from a ``results.json`` dict."""
     meta = results.get("meta", {})
@@ -440,6 +513,10 @@ def render_markdown(results: dict) -> str:
     all_r = s.get("rmlib_topk_all", {}).get("ratio_incl_store")
     out += ["", ALL_PAIRS_LINE_PREFIX + (f"{all_r:.2f}x" if all_r is not None else "n/a")
             + " (rmlib trains every pair, long ones prompt-cut from the left; TRL trains only the pairs it keeps)", ""]
+    if meta.get("device") == "cuda":  # issue 20: on a GPU the comparison is full fine-tuning, same data
+        full = s.get("rmlib_full_kept", {}).get("ratio_train")
+        out += [GPU_LINE_PREFIX + (f"{full:.2f}x" if full is not None else "n/a")
+                + f" (rmlib mode full / TRL RewardTrainer, pairs/s on the pairs TRL keeps; GPU: {mach.get('gpu', '?')})", ""]
     out += [f"Machine: {mach.get('cpu_model', '?')}; {mach.get('cpus', '?')} CPUs ({mach.get('cpus_usable', '?')} usable), "
             f"torch {mach.get('torch', '?')} ({meta.get('threads', '?')} threads), transformers "
             f"{mach.get('transformers', '?')}, trl {mach.get('trl', '?')}, Python {mach.get('python', '?')}; "
@@ -466,6 +543,32 @@ def render_markdown(results: dict) -> str:
         out.append(_table(["batch", "HF generate", "raw decode (limit)", f"rmlib ({sp.get('sampler', '?')})",
                            "rmlib vs HF", "rmlib of raw", "raw vs HF", "rows finished: rmlib / HF",
                            "compactions"], sampling_rows(results, s)))
+    out += ["## RLOO step (issue 18)", "", rloo_line(s, _status(results, "rloo_step") or ""), ""]
+    rl = _result(results, "rloo_step")
+    if rl:
+        out += [f"SmolLM2-135M-Instruct policy, top {rl['policy_top_k']} layers + final norm trainable; proxy: a top-"
+                f"{rl['rm_top_k']} reward model of the same backbone; {rl['prompts_per_step']} prompts x k={rl['k']} "
+                f"per step, up to {rl['completion_tokens']} new tokens at T=1, beta {rl['beta']}, {rl['steps']} steps per "
+                f"trainer (the first warms up), each trainer in its own process.", ""]
+        out.append(_table(["trainer", "median s/step", "steps (s)", "mean completion tokens", "reference",
+                           "shared-bottom rewards", "peak RSS"], rloo_rows(rl)))
+    out += ["## Best-of-N cost (issue 18)", "", bon_line(results, s, _status(results, "bon_cost") or ""), ""]
+    bon = _result(results, "bon_cost")
+    if bon:
+        c = bon["capture"]
+        fell = sum(c["fallback"].values())
+        out += [f"{bon['prompts']} HH prompts x {bon['samples_per_prompt']} samples ({bon['samples']}; {bon['tokens']} "
+                f"tokens), at most {bon['max_new_tokens']} new tokens, batch {bon['batch_size']}; scored by "
+                f"{bon['reward_models']} top-{bon['top_k_layers']} reward models (gold + proxies, saved folders, "
+                f"untrained weights: the cost is the same; each scoring loads every model from disk, "
+                f"{_f(bon.get('rm_load_seconds'), '.1f', ' s')} each, a cost per run that more samples amortize). "
+                f"Sampling alone {bon['sampling_seconds']:.1f} s; with "
+                f"capture {c['sample_seconds']:.1f} s + scoring {c['score_seconds']:.1f} s (store lookup "
+                f"{c['store_lookup_seconds']:.1f} s, once per run, not included); without capture scoring (its store "
+                f"build included) {bon['plain']['score_seconds']:.1f} s. Captured {c['captured']} samples, "
+                f"{fell} left to the plain build; the same samples with and without capture: "
+                f"{_yes_no(bon.get('same_samples'))}; largest score difference of the two paths: "
+                f"{_f(bon.get('max_abs_score_diff_capture_vs_plain'), '.2g')}.", ""]
     out += ["## Targets (issue 9)", ""]
     out.append(_table(["target", "this run", "met"], target_rows(results, s)))
     out += ["## Definitions and notes", ""]
@@ -516,6 +619,15 @@ def notes(results: dict, s: dict) -> list[str]:
         "(what `sample_responses` runs: per-row generators, exact top-p, finished rows dropped). Tokens = "
         "generated tokens up to and including the stop token (raw: every row runs all 64). "
         "`sampling speed vs HF generate` = rmlib tok/s / HF generate tok/s at the largest batch.",
+        "- **RLOO step**: wall time of one optimizer step (sampling, log-probs, rewards, loss, backward, "
+        "optimizer; TrainerCallback on_step_begin to on_step_end), median over the steps after the first. TRL: "
+        "`RLOOTrainer` in its plain configuration (HF `generate`, a second full reference model built from the "
+        "policy's path, the proxy a `RewardModelFunction` scoring whole re-tokenized sequences), with the settings "
+        "rmlib runs it with (`RLOORunConfig.trl_config`: activation checkpointing off, dropout off, one update per "
+        "generation, bf16 = the run's precision); rmlib: `SharedBottomRLOOTrainer` (DecodeLoop sampling, one frozen-"
+        "bottom forward per completion for policy, reference and proxy). Same policy weights, prompts, k, lengths, "
+        "beta and lr. Sampled completions differ (TRL draws from the global RNG, rmlib per row): compare the mean "
+        "completion tokens. Peak RSS: each trainer's own spawned process.",
         "- **Sweep**: the six variants of `rmlib.reward.variants.VARIANTS` trained one after another in one process "
         "through `train_reward_model` (mode topk, fresh store: the first run builds it, the others reuse it) "
         "vs one BT run in its own process with its own fresh store; wall seconds include model loading.",

@@ -1,6 +1,6 @@
 """`make bench`: rmlib vs TRL RewardTrainer and plain loops, measured in one run, one table.
 
-    .venv/bin/python -m bench.run            # full sizes (~45 min on a quiet 2-core machine)
+    .venv/bin/python -m bench.run            # full sizes (~71 min on a quiet 2-core machine)
     .venv/bin/python -m bench.run --quick    # every measurement on tiny sizes (minutes): a smoke check
 
 Each measurement (``bench.report.MEASUREMENTS``) runs in its own process (``python -m
@@ -49,6 +49,17 @@ class Sizes:
     sampling_batches: list[int] = field(default_factory=lambda: [32, 128, 256])  # issue 18's batch sizes
     sampling_prompt_tokens: int = 40
     sampling_new_tokens: int = 64
+    rloo_prompts: int = 8  # RLOO: prompts per optimizer step (x rloo_k completions), both trainers
+    rloo_k: int = 2  # completions per prompt (BSR paper: k = 2)
+    rloo_completion_tokens: int = 64
+    rloo_steps: int = 5  # optimizer steps per trainer; the first warms up (median of 4)
+    rloo_beta: float = 0.05
+    rloo_policy_top_k: int = 2  # trainable top layers of the policy (Coste et al. 2024)
+    rloo_max_prompt_tokens: int = 128
+    bon_prompts: int = 12  # Best-of-N cost (issue 18): notebook 04's N, max_new_tokens and gold + 8 proxies (~4 min)
+    bon_samples: int = 16
+    bon_max_new_tokens: int = 80
+    bon_proxies: int = 8
     matmul_sizes: list[int] = field(default_factory=lambda: [2048, 3072])  # peak = best median over sizes
     matmul_repeats: int = 5
     max_length: int = 256
@@ -62,7 +73,13 @@ class Sizes:
 
 # --quick: a handful of pairs (2 training steps), one repeat: proves every measurement runs end to end
 QUICK = dict(n_train=8, n_eval=4, n_sweep=4, n_score_pairs=4, gen_prompts=2, gen_samples=16, gen_max_new_tokens=8,
-             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8)
+             matmul_sizes=[2048], matmul_repeats=1, sampling_batches=[4, 8], sampling_new_tokens=8,
+             rloo_prompts=2, rloo_completion_tokens=8, rloo_steps=2,
+             bon_prompts=2, bon_samples=4, bon_max_new_tokens=8, bon_proxies=2)
+
+
+# the measurements that run on a GPU with --device cuda (issue 20); the others are CPU-only
+CUDA_MEASUREMENTS = ("peak", "trl", "rmlib_full_kept", "sampling")
 
 
 def plan() -> list[tuple[str, dict]]:
@@ -80,6 +97,8 @@ def plan() -> list[tuple[str, dict]]:
         ("scoring", {}),
         ("generation", {}),
         ("sampling", {}),
+        ("rloo_step", {}),
+        ("bon_cost", {}),
         ("sweep_one", {"variants": ["bt"]}),
         ("sweep", {"variants": list(SWEEP_VARIANTS)}),
     ]
@@ -98,7 +117,14 @@ def estimate_seconds(z: Sizes) -> float:
     gen = z.gen_prompts * z.gen_samples * z.gen_max_new_tokens / 200 + z.gen_prompts * z.gen_max_new_tokens / 15
     sampling = sum(z.sampling_batches) * z.sampling_new_tokens * (1 / SAMPLING_RATES["hf"] + 1 / SAMPLING_RATES["raw"]
                                                                   + 1 / SAMPLING_RATES["rmlib"])
-    return (12 * 20 + 5
+    # RLOO: ~30 s (TRL) + ~12 s (rmlib) per step of 16 completions x 64 tokens, + model loads and the RM build
+    rloo = z.rloo_steps * 42 * z.rloo_prompts * z.rloo_k * z.rloo_completion_tokens / (16 * 64) + 60
+    bon_samples = z.bon_prompts * z.bon_samples
+    bon = (2 * bon_samples * z.bon_max_new_tokens * 0.75 / 280  # sampling twice (~3/4 of max_new_tokens, batch 32)
+           + bon_samples / 6  # the store build of the path without capture (cpu-facts: ~3 pairs/s)
+           + 2 * (1 + z.bon_proxies) * (3 + bon_samples / 150)  # two scorings: load + top layers per model
+           + 6 * (1 + z.bon_proxies))  # building, saving, and looking up the models
+    return (14 * 20 + 5 + rloo + bon
             + kept / 0.9 + score  # TRL
             + kept / 0.75 + score  # full
             + kept * (1 / 3 + 1 / 5) + store_eval  # top-k, kept
@@ -134,7 +160,8 @@ def machine_info() -> dict:
     return {"cpu_model": cpu_model, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "memory_bytes": mem, "bf16_isa": ", ".join(isa) or "none found (bf16 emulated)",
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _loadavg() -> str:
@@ -204,6 +231,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="compute precision of every measurement: bf16 autocast or float32; auto = bf16 where bf16 "
                          "matmuls are native (rmlib.core.precision), float32 elsewhere")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the measurements run (issue 20: cuda on one GPU; e.g. --device cuda --only "
+                         "peak,trl,rmlib_full_kept,sampling, as rmlib.pipeline.gpu_check runs them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: usable CPUs)")
     ap.add_argument("--keep-temp", action="store_true", help="keep each measurement's temp folder (debugging)")
     for f in fields(Sizes):
@@ -246,7 +276,18 @@ def main(argv=None) -> int:
     from rmlib.core.precision import resolve_bf16
 
     bf16 = {"bf16": True, "fp32": False}.get(args.precision, None)
-    bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", "cpu")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: this machine has no CUDA device", file=sys.stderr)
+            return 2
+        cpu_only = [n for n, _ in steps if (not only or n in only) and n not in CUDA_MEASUREMENTS]
+        if cpu_only:
+            print(f"--device cuda: {', '.join(cpu_only)} run on the CPU only; pass --only with some of "
+                  f"{', '.join(CUDA_MEASUREMENTS)}", file=sys.stderr)
+            return 2
+    bf16 = resolve_bf16(bf16 if bf16 is not None else "auto", args.device)
     run_id = uuid.uuid4().hex[:12]
     results = {"meta": {}, "measurements": {}}
     if only and json_path.exists():
@@ -259,7 +300,7 @@ def main(argv=None) -> int:
             return 2
         results["measurements"] = {k: v for k, v in old.get("measurements", {}).items() if k not in only}
     results["meta"] = {"quick": args.quick, "sizes": asdict(sizes), "threads": threads, "model": "SmolLM2-135M-Instruct",
-                       "backbone_path": backbone, "machine": machine_info(), "precision": "bf16" if bf16 else "fp32", "run_id": run_id,
+                       "backbone_path": backbone, "machine": machine_info(), "device": args.device, "precision": "bf16" if bf16 else "fp32", "run_id": run_id,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_before": _loadavg()}
     todo = [(n, extra) for n, extra in steps if not only or n in only]
     est = estimate_seconds(sizes) * (1.0 if bf16 else 2.5) / 60  # the rates are bf16 ones; fp32 is ~2-3x slower
@@ -270,7 +311,8 @@ def main(argv=None) -> int:
     failed = []
     for i, (name, extra) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name}: {MEASUREMENTS[name]} ...", flush=True)
-        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, "bf16": bf16, **extra}
+        spec = {"backbone": backbone, "sizes": asdict(sizes), "threads": threads, "bf16": bf16, "device": args.device,
+                **extra}
         rec = run_child(name, spec, run_id, keep_temp=args.keep_temp)
         results["measurements"][name] = rec
         state = "done" if rec["ok"] else "FAILED"

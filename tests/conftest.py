@@ -15,6 +15,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu; run by make gpu-check)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:  # not `in item.keywords`: a test id "gpu" is a keyword too
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rmlib.model.assets import load_tokenizer

@@ -127,6 +127,20 @@ def made_up_results() -> dict:
                              "rmlib": {"seconds": 10.0, "tokens": 10 * rm, "tokens_per_second": rm, "finished": 4,
                                        "steps": 64, "compactions": 1}}
                             for b, hf, raw, rm in ((32, 100.0, 150.0, 140.0), (256, 100.0, 300.0, 260.0))]}, 1.5),
+        "rloo_step": _m({"prompts_per_step": 8, "k": 2, "completion_tokens": 64, "beta": 0.05, "steps": 4,
+                         "policy_top_k": 2, "rm_top_k": 4,
+                         **{kind: {"kind": kind, "step_seconds": [s * 1.2, s, s, s * 0.9], "median_step_seconds": s,
+                                   "mean_completion_tokens": 50.0, "reward_mean": 0.1, "reference": "LlamaForCausalLM",
+                                   "shared_bottom_rewards": ["proxy_rm"] if kind == "rmlib" else [],
+                                   "reward_rows_shared_plain": [[60, 4]] if kind == "rmlib" else [],
+                                   "peak_rss_bytes": rss * 2 ** 30}
+                            for kind, s, rss in (("trl", 30.0, 2.5), ("rmlib", 12.0, 1.75))}}, 2.6),
+        "bon_cost": _m({"prompts": 12, "samples_per_prompt": 16, "samples": 192, "max_new_tokens": 80,
+                        "batch_size": 32, "reward_models": 9, "top_k_layers": 4, "tokens": 12000, "rm_load_seconds": 2.0,
+                        "sampling_seconds": 60.0, "plain": {"score_seconds": 45.0},
+                        "capture": {"sample_seconds": 62.0, "score_seconds": 16.0, "store_lookup_seconds": 20.0,
+                                    "captured": 190, "present": 0, "fallback": {"a reason": 2}},
+                        "same_samples": True, "max_abs_score_diff_capture_vs_plain": 0.03}, 2.5),
         "sweep_one": _m({"variants": ["bt"], "pairs": 200, "total_seconds": 100.0,
                          "runs": [{"variant": "bt", "seconds": 100.0, "store_seconds": 60.0, "train_seconds": 35.0}]}),
         "sweep": _m({"variants": list(report.SWEEP_VARIANTS), "pairs": 200, "total_seconds": 400.0,
@@ -160,6 +174,7 @@ def test_summary_numbers():
     assert [r["batch"] for r in s["sampling"]] == [32, 256]
     assert s["sampling"][-1]["vs_hf"] == pytest.approx(2.6) and s["sampling"][-1]["of_raw"] == pytest.approx(260 / 300)
     assert s["sampling"][0]["raw_vs_hf"] == pytest.approx(1.5)
+    assert s["bon_ratio"] == pytest.approx(78 / 60) and s["bon_ratio_plain"] == pytest.approx(105 / 60)
 
 
 def test_report_has_every_row_and_one_exact_ratio_line():
@@ -187,11 +202,26 @@ def test_report_has_every_row_and_one_exact_ratio_line():
     header = table[0].count(" | ")
     main_rows = table[1 : 1 + len(report.main_rows(made_up_results(), summarize(made_up_results())))]
     assert all(r.count(" | ") == header for r in main_rows)
-    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 1 + 2
+    assert len(main_rows) == 2 + 1 + 1 + 4 + 3 + 2 + 1 + 2 + 1 + 2  # ..., sampling 1, RLOO 2, Best-of-N 1, sweep 2
+    rloo = [l for l in lines if l.startswith(report.RLOO_LINE_PREFIX)]
+    assert rloo == ["RLOO step speed vs TRL RLOOTrainer: 2.50x (target >= 2x)"]
+    for text in ["RLOO step, TRL RLOOTrainer (plain), 8 prompts x k=2, 64 new tokens | 30.0 s/step",
+                 "RLOO step, rmlib shared bottom (mode topk), same sizes | 12.0 s/step | 2.50x vs TRL",
+                 "| TRL RLOOTrainer (plain) | 30.00 | 36.0, 30.0, 30.0, 27.0 | 50.0 | LlamaForCausalLM | none | 2.50 GiB |",
+                 "| rmlib SharedBottomRLOOTrainer | 12.00 | 14.4, 12.0, 12.0, 10.8 | 50.0 | LlamaForCausalLM | proxy_rm (60 rows "
+                 "shared, 4 plain) | 1.75 GiB |", "## RLOO step (issue 18)"]:
+        assert text in md, text
     sampling = [l for l in lines if l.startswith(report.SAMPLING_LINE_PREFIX)]
     assert sampling == ["sampling speed vs HF generate: 2.60x at batch 256 (86.7% of the raw decode throughput); "
                         "batch 32: 1.40x, 93.3% of raw"]
     assert SAMPLING_RE.match(sampling[0])
+    bon = [l for l in lines if l.startswith(report.BON_LINE_PREFIX)]
+    assert bon == ["Best-of-N cost per sample vs sampling alone: 1.30x (target <= 1.3x); without capture (the store "
+                   "built when scoring): 1.75x; peak RSS 2.50 GiB"]
+    for text in ["## Best-of-N cost (issue 18)", "Captured 190 samples, 2 left to the plain build",
+                 "Sampling alone 60.0 s; with capture 62.0 s + scoring 16.0 s", "2.46 samples/s", "2.0 s each",
+                 "1.30x cost vs sampling alone"]:
+        assert text in md, text
     assert "QUICK" not in md and "Warning" not in md
 
 
@@ -226,6 +256,9 @@ def test_targets_rows():
     samp = next(r for r in rows if r[0].startswith("sampling >= 2.5x"))
     assert "B=256: 2.60x vs HF, 86.7% of raw (raw/HF 3.00x)" in samp[1]
     assert samp[2] == "vs HF: **no** (1 of 2 batches), of raw: yes (2 of 2)"
+    assert next(r for r in rows if r[0].startswith("RLOO step >= 2x"))[1:] == ["2.50x", "yes"]
+    bon = next(r for r in rows if r[0].startswith("Best-of-N cost per sample"))
+    assert bon[1] == "1.30x (without capture 1.75x); peak RSS 2.50 GiB" and bon[2] == "yes"
 
 
 def test_report_with_a_failed_and_a_missing_measurement():
@@ -240,10 +273,16 @@ def test_report_with_a_failed_and_a_missing_measurement():
     assert "QUICK MODE" in md and "2 separate runs" in md
     assert "| 6-loss sweep | not run |" in md
     res["measurements"]["sampling"] = {"ok": False, "result": None, "error": "Traceback\nValueError: no", "returncode": 1}
+    del res["measurements"]["bon_cost"]
     md = render_markdown(res)
     assert "sampling speed vs HF generate: n/a (FAILED: ValueError: no)" in md
     assert "| sampling engine | FAILED: ValueError: no |" in md
     assert "– vs TRL" in md  # ratios against a failed baseline are shown as missing
+    del res["measurements"]["rloo_step"]
+    md = render_markdown(res)
+    assert "RLOO step speed vs TRL RLOOTrainer: n/a (not run) (target >= 2x)" in md
+    assert "| RLOO step | not run |" in md
+    assert "Best-of-N cost per sample vs sampling alone: n/a (not run)" in md
 
 
 def test_outputs_are_written_atomically(tmp_path):
@@ -259,9 +298,12 @@ def test_outputs_are_written_atomically(tmp_path):
 def test_default_sizes_fit_the_budget_and_quick_is_tiny():
     from bench.run import QUICK, Sizes, estimate_seconds, plan
 
-    assert estimate_seconds(Sizes()) <= 65 * 60  # issue 9's ~55 min + issue 18's sampling measurement (~6 min)
+    # issue 9's ~55 min + issue 18's sampling (~6 min) and RLOO step (~4 min) measurements
+    # issue 9's ~55 min + issue 18's sampling measurement (~6 min) and Best-of-N cost (~4.5 min)
+    assert estimate_seconds(Sizes()) <= 75 * 60
     quick = Sizes(**QUICK)
     assert quick.n_train <= 16 and quick.n_eval <= 16 and quick.n_sweep <= 16 and quick.matmul_repeats <= 3
+    assert quick.rloo_steps <= 2 and quick.rloo_prompts * quick.rloo_k * quick.rloo_completion_tokens <= 64
     assert [n for n, _ in plan()] == list(report.MEASUREMENTS)
     from rmlib.reward.variants import VARIANTS
 

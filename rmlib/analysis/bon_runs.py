@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import re
 import time
@@ -100,10 +101,18 @@ def policy_slug(policy: str) -> str:
 
 def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_size: int = 32,
                   max_new_tokens: int = 96, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
-                  bf16: bool | str = "auto", progress: bool = True) -> pd.DataFrame:
+                  bf16: bool | str = "auto", progress: bool = True, capture_for: Mapping[str, Path] | None = None,
+                  capture_max_length: int | None = None) -> pd.DataFrame:
     """N samples per BoN prompt from ``policy`` with its chat template (``generation.sample_responses``:
     resumable, per-sample seeds). The policy loads in bf16 when ``bf16`` resolves true (``rmlib.core.precision``; no per-step
-    weight casts)."""
+    weight casts).
+
+    ``capture_for``: the reward models (``{name: folder}``, as ``score_with_all`` gets them) whose frozen
+    bottom is the policy's (top-k models of the base policy): the samples' bottom-store entries are
+    recorded while sampling (``rmlib.model.bottom_capture``), encoded as ``score_with_all`` will encode
+    them with ``max_length=capture_max_length``, so scoring runs only the top layers. The policy then
+    loads in float32, the reward models' dtype (the store key covers it; under bf16 autocast the matmuls
+    are bf16 either way); a policy whose bottom is not theirs is refused (ValueError)."""
 
 
     if not {"prompt_id", "messages"} <= set(prompts.columns):
@@ -111,16 +120,50 @@ def sample_policy(policy: str, prompts: pd.DataFrame, out_path, n: int, batch_si
 
     bf16 = resolve_bf16(bf16)
     tok = assets.load_tokenizer(policy)
-    model = assets.load_causal_lm(policy, dtype=torch.bfloat16 if bf16 else torch.float32)
+    capture = {}
+    if capture_for:
+        store = capture_store_for(capture_for, bf16)
+        if store is not None:
+            capture = {"capture_store": store, "capture_tokenizer": load_tokenizer(next(iter(capture_for.values()))),
+                       "capture_max_length": capture_max_length}
+    dtype = torch.float32 if capture or not bf16 else torch.bfloat16
+    model = assets.load_causal_lm(policy, dtype=dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     try:
         return generation.sample_responses(model, tok, [list(m) for m in prompts["messages"]], list(prompts["prompt_id"]),
                                     n=n, out_path=out_path, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed, bf16=bf16, progress=progress)
+                                    temperature=temperature, top_p=top_p, seed=seed, bf16=bf16, progress=progress,
+                                    **capture)
     finally:
         del model
         gc.collect()
+
+
+def capture_store_for(model_dirs: Mapping[str, Path], bf16: bool | str = "auto"):
+    """The bottom store (``rmlib.model.bottom_store.store_for``) that most of the saved reward models in
+    ``model_dirs`` score through (None when none has a frozen bottom); models are loaded one at a time
+    (as ``score_with_all`` loads them: float32), as the store key digests their bottom weights."""
+    from rmlib.model.bottom_store import store_for
+
+    bf16 = resolve_bf16(bf16)
+    stores, users = {}, {}
+    for name, path in model_dirs.items():
+        model = load_reward_model(path)
+        store = store_for(model, bf16_autocast=bf16)
+        if store is not None:
+            stores.setdefault(store.key["store"], store.__class__(store.root, store.key, store.hidden_size))
+            users.setdefault(store.key["store"], []).append(name)
+        del model
+        gc.collect()
+    if not stores:
+        return None
+    best = max(users, key=lambda k: len(users[k]))
+    others = [n for k, names in users.items() if k != best for n in names]
+    if others:
+        logging.getLogger(__name__).info("bottom capture serves %s; %s score through other stores (built when "
+                                         "scored)", users[best], others)
+    return stores[best].refresh()
 
 
 def score_with_all(model_dirs: Mapping[str, Path], samples: pd.DataFrame, cache_path, max_length: int | None = None,

@@ -25,6 +25,9 @@ in a temp folder and renamed into place, at most every ``shard_rows`` rows, so a
 keeps every finished shard and a rerun computes only what is missing. Entry keys are BLAKE2b
 digests of the token ids (a reply's key covers its prompt: its activations depend on it).
 
+Entries can also come from elsewhere (``BottomStore.put``): ``rmlib.model.bottom_capture`` records
+them while the base policy samples, when its bottom is this store's (the key is checked).
+
 Ours because no library does it: transformers and peft cache keys/values within one generate call,
 never a frozen bottom's activations across models, runs and processes.
 
@@ -313,24 +316,23 @@ class BottomStore:
         self.refresh()
         return n_replies
 
+    def put(self, entries: dict[str, torch.Tensor]) -> int:
+        """Store precomputed entries {entry key (``prompt_digest``/``reply_digest``): (n, H) states entering
+        ``start_layer``} as one new shard, skipping keys already stored; returns the number written. The
+        caller answers for the states being this store's (``rmlib.model.bottom_capture`` checks the key)."""
+        self.refresh()
+        todo = [(k, h) for k, h in entries.items() if k not in self.entries]
+        if not todo:
+            return 0
+        for k, h in todo:
+            if h.ndim != 2 or h.shape[1] != self.hidden_size or h.shape[0] == 0:
+                raise ValueError(f"entry {k}: states of shape {tuple(h.shape)}, expected (n >= 1, {self.hidden_size})")
+        _remove_dead_temp_dirs(self.root)
+        self._save_shard(sum(h.shape[0] for _, h in todo), iter(todo))
+        return len(todo)
+
     def _write_shard(self, decoder: nn.Module, batches: list, rows: int, bar) -> None:
-        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{os.urandom(3).hex()}"  # sorts in creation order
-
-        def write(tmp: Path) -> None:
-            (tmp / "builder.pid").write_text(str(os.getpid()))
-            out = np.memmap(tmp / "hidden.bin", dtype=_STORAGE[self.dtype], mode="w+", shape=(rows, self.hidden_size))
-            keys, offsets, lengths = [], [], []
-            cursor = 0
-
-            def store(key: str, h: torch.Tensor) -> None:  # (n, H) -> the next n rows
-                nonlocal cursor
-                h = h.to(self.dtype).cpu()
-                out[cursor : cursor + h.shape[0]] = (h.view(torch.uint16) if self.dtype == torch.bfloat16 else h).numpy()
-                keys.append(key)
-                offsets.append(cursor)
-                lengths.append(h.shape[0])
-                cursor += h.shape[0]
-
+        def computed():
             device = decoder.embed_tokens.weight.device
             for batch in batches:
                 prompts = [p for p, _, _ in batch]
@@ -340,10 +342,29 @@ class BottomStore:
                     h_prompt, h_reply = bottom_prompt_replies(decoder, prompts, replies, owner, self.start_layer)
                 for i, (p, need, _) in enumerate(batch):
                     if need:
-                        store(prompt_digest(p), h_prompt[i, : len(p)])
+                        yield prompt_digest(p), h_prompt[i, : len(p)]
                 for j, reply in enumerate(replies):
-                    store(reply_digest(prompts[owner[j]], reply), h_reply[j, : len(reply)])
+                    yield reply_digest(prompts[owner[j]], reply), h_reply[j, : len(reply)]
                 bar.update(len(replies))
+
+        self._save_shard(rows, computed())
+
+    def _save_shard(self, rows: int, items) -> None:
+        """Write ``items`` = iterable of (entry key, (n, H) states), ``rows`` rows in all, as a new shard."""
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{os.urandom(3).hex()}"  # sorts in creation order
+
+        def write(tmp: Path) -> None:
+            (tmp / "builder.pid").write_text(str(os.getpid()))
+            out = np.memmap(tmp / "hidden.bin", dtype=_STORAGE[self.dtype], mode="w+", shape=(rows, self.hidden_size))
+            keys, offsets, lengths = [], [], []
+            cursor = 0
+            for key, h in items:  # (n, H) -> the next n rows
+                h = h.to(self.dtype).cpu()
+                out[cursor : cursor + h.shape[0]] = (h.view(torch.uint16) if self.dtype == torch.bfloat16 else h).numpy()
+                keys.append(key)
+                offsets.append(cursor)
+                lengths.append(h.shape[0])
+                cursor += h.shape[0]
             assert cursor == rows, (cursor, rows)
             out.flush()
             del out

@@ -14,7 +14,11 @@
    step drawn from the row's own ``torch.Generator``); the uniforms of a row are drawn up front
    (``torch.rand(max_new_tokens)`` on a CPU generator is the same stream as one draw per step);
 4. stop tokens end a row; finished rows are dropped from the batch (cache, mask, positions) once
-   a quarter of it has finished, and the loop stops when every row has.
+   a quarter of it has finished, and the loop stops when every row has;
+5. optionally (``capture=``, ``CaptureHooks``) the hidden states entering one decoder layer are
+   recorded for each row's prompt and continuation, and a row that stopped is completed to a given
+   target continuation (e.g. the end-of-turn a reward model's chat template adds) by feeding the
+   missing tokens on its cached state: ``rmlib.model.bottom_capture`` fills the bottom store so.
 
 A row's tokens depend only on its prompt and seed, never on its batch-mates (up to floating-point
 effects of the batch shape). ``SAMPLER`` names this engine in sample files' meta data
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Protocol
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -37,6 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rmlib.core.precision import autocast
+from rmlib.model.layers import decoder_of, unwrap_causal_lm
 
 # the engine's name in sample files' meta data; change it when a change of this module changes the samples
 SAMPLER = "rmlib-decode-v1"
@@ -362,7 +368,11 @@ class DecodeLoop:
         return out.logits[:, -1]  # (B, V), the model's dtype (bf16 under autocast); made float32 by the caller
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]], seeds: list[int], capture=None) -> list[list[int]]:
+        """Each row's new token ids (see the class docstring). ``capture``: record the hidden states
+        entering one decoder layer for each row's prompt and continuation (``CaptureHooks``; None: no
+        recording, the loop as it was). Capture never changes the sampled tokens: every row draws from its
+        own uniforms, and a row whose continuation is being completed only rides along."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
@@ -380,7 +390,8 @@ class DecodeLoop:
         padded = not bool(mask.all())  # generate drops an all-ones prefill mask (causal attention): so do we
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate: pads at 0
         uniforms = row_uniforms(seeds, n_new)  # (B, n_new) float64, CPU
-        cache = prealloc_cache(self._n_layers(), p_len + n_new)
+        extra = int(capture.extra) if capture is not None else 0  # steps after sampling that complete captured rows
+        cache = prealloc_cache(self._n_layers(), p_len + n_new + extra)
         out = torch.full((batch, n_new), self.pad_id, dtype=torch.long)
         lengths = torch.full((batch,), n_new, dtype=torch.long)  # tokens kept per row
         self.steps_run = self.compactions = 0
@@ -390,9 +401,13 @@ class DecodeLoop:
 
         attention = decode_attention_on(self.model) if self.fast_attention else contextlib.nullcontext()
         linears = self.packed.patch(self.model, batch) if self.packed is not None else contextlib.nullcontext()
-        with autocast(dev, self.bf16), attention, linears:
+        recorder = _LayerInput(self.model, capture.layer) if capture is not None else contextlib.nullcontext()
+        with autocast(dev, self.bf16), attention, linears, recorder:
             logits = self._forward(input_ids.to(dev), mask.to(dev) if padded else None, position_ids.to(dev), cache)
             t_prefill = clock() - t_start
+            track = None
+            if capture is not None:  # the prompts' hidden states, then one column per continuation token
+                track = _CaptureState(capture, prompts, expand, recorder.take(), n_new + extra)
             if len(unique) < batch:
                 logits = logits[expand.to(dev)]
                 cache.batch_select_indices(expand.to(dev))
@@ -401,36 +416,48 @@ class DecodeLoop:
             # generate passes none; without a mask HF's sdpa runs GQA decode as enable_gqa=True, which
             # on CPU is ~7x slower than the packed-query kernel a mask selects (54% of a decode step at
             # batch 128 in a profile, 7.1 vs 1.0 ms per layer call).
-            full_mask = torch.cat([mask[expand], mask.new_ones(batch, n_new)], dim=1).to(dev, torch.bool)[:, None, None]
+            full_mask = torch.cat([mask[expand], mask.new_ones(batch, n_new + extra)], dim=1).to(dev, torch.bool)
+            full_mask = full_mask[:, None, None]
             position = position_ids[expand][:, -1:].to(dev)  # (B, 1): the last prompt position
             # the sampler's float32 scores and probabilities, allocated once for all steps
             work_scores = torch.empty(batch, logits.shape[-1], dtype=torch.float32, device=dev)
             work_probs = torch.empty_like(work_scores)
             rows = torch.arange(batch)  # the original row of each batch row
             live = torch.ones(batch, dtype=torch.bool)  # False: finished, riding along until the next compaction
-            for step in range(n_new):
-                t0 = clock()
+            for step in range(n_new + extra):
                 n = len(rows)
-                scores = work_scores[:n].copy_(logits)  # float32, as generate takes the logits
-                tokens = top_p_pick(scores, uniforms[rows, step], self.temperature, self.top_p, self.candidates,
-                                    work=work_probs[:n]).cpu()
-                t_sampling += clock() - t0
-                if not bool(live.all()):
-                    tokens = tokens.masked_fill(~live, self.pad_id)  # finished rows are fed pad, as in generate
-                out[rows[live], step] = tokens[live]
-                ended = live & torch.isin(tokens, self.stop_ids)
-                if bool(ended.any()):
-                    lengths[rows[ended]] = step + 1
+                if step < n_new and bool(live.any()):
+                    t0 = clock()
+                    scores = work_scores[:n].copy_(logits)  # float32, as generate takes the logits
+                    tokens = top_p_pick(scores, uniforms[rows, step], self.temperature, self.top_p, self.candidates,
+                                        work=work_probs[:n]).cpu()
+                    t_sampling += clock() - t0
+                    if not bool(live.all()):
+                        tokens = tokens.masked_fill(~live, self.pad_id)  # finished rows are fed pad, as in generate
+                    out[rows[live], step] = tokens[live]
+                    ended = live & torch.isin(tokens, self.stop_ids)
+                    if bool(ended.any()):
+                        lengths[rows[ended]] = step + 1
+                    stopped = live.clone() if step == n_new - 1 else ended  # rows whose sampling ends here
                     live = live & ~ended
-                n_live = int(live.sum())
-                if n_live == 0 or step == n_new - 1:
+                else:  # only captured rows being completed are left
+                    tokens = torch.full((n,), self.pad_id, dtype=torch.long)
+                    stopped = torch.zeros(n, dtype=torch.bool)
+                if track is None:
+                    feeding = live
+                    if step == n_new - 1:
+                        break
+                else:
+                    live = live & (step < n_new - 1)
+                    feeding = track.before_forward(step, rows, live, stopped, tokens, out)
+                if not bool(feeding.any()):
                     break
-                n_dead = len(rows) - n_live
-                if n_dead and n_dead >= self.compact * len(rows):  # drop the finished rows
-                    keep = live.nonzero().squeeze(-1)
+                n_dead = n - int(feeding.sum())
+                if n_dead and n_dead >= self.compact * n:  # drop the rows that feed nothing any more
+                    keep = feeding.nonzero().squeeze(-1)
                     keep_dev = keep.to(dev)
-                    rows, live, tokens, position = rows[keep], live[keep], tokens[keep], position[keep_dev]
-                    full_mask = full_mask[keep_dev]
+                    rows, live, feeding, tokens = rows[keep], live[keep], feeding[keep], tokens[keep]
+                    position, full_mask = position[keep_dev], full_mask[keep_dev]
                     cache.batch_select_indices(keep_dev)
                     self.compactions += 1
                 position = position + 1
@@ -438,8 +465,131 @@ class DecodeLoop:
                 logits = self._forward(tokens[:, None].to(dev), full_mask[..., : p_len + step + 1], position, cache)
                 t_forward += clock() - t0
                 self.steps_run += 1
+                if track is not None:
+                    track.after_forward(step, rows, feeding, recorder.take())
         self.seconds = {"total": clock() - t_start, "prefill": t_prefill, "forward": t_forward, "sampling": t_sampling}
         return [out[i, : lengths[i]].tolist() for i in range(batch)]
+
+
+# -- recording the input of a layer while sampling -------------------------------------------------------
+class CaptureHooks(Protocol):
+    """What ``DecodeLoop(..., capture=)`` asks of a capture (``rmlib.model.bottom_capture.StoreCapture``).
+
+    ``layer``: the decoder layer whose input is recorded (the number of layers: the final norm's input).
+    ``extra``: at most this many steps after the last sampling step complete captured rows.
+    ``target(row, generated)``: called once per row when it stops sampling, with its generated ids (up to
+    and including its stop token); returns the ids the recorded continuation must have (e.g. the reply as
+    a reward model encodes it, end-of-turn included) or None (nothing recorded for this row). The loop
+    keeps the recorded states of the tokens it has fed that agree with the target and feeds the target's
+    remaining tokens on the row's cached state, one per step; a target that disagrees with a token
+    already fed is reported by ``skip(row, reason)``. ``collect(row, prompt_hidden, reply_hidden)``:
+    the row's states, (len(prompt), H) and (len(target), H), on the CPU.
+    """
+
+    layer: int
+    extra: int
+
+    def target(self, row: int, generated: list[int]) -> list[int] | None: ...
+
+    def skip(self, row: int, reason: str) -> None: ...
+
+    def collect(self, row: int, prompt_hidden: torch.Tensor, reply_hidden: torch.Tensor) -> None: ...
+
+
+class _LayerInput:
+    """Context manager: a forward pre-hook on decoder layer ``layer`` of ``model`` (the final norm when
+    ``layer`` is the number of layers) keeps the hidden states entering it at each forward (``take``)."""
+
+    def __init__(self, model, layer: int):
+        decoder = decoder_of(unwrap_causal_lm(model))
+        n_layers = len(decoder.layers)
+        if not 0 <= int(layer) <= n_layers:
+            raise ValueError(f"capture layer {layer} must be in [0, {n_layers}]")
+        self.module = decoder.layers[layer] if layer < n_layers else decoder.norm
+        self.handle = None
+        self.last: torch.Tensor | None = None
+
+    def _hook(self, module, args, kwargs):
+        self.last = args[0] if args else kwargs["hidden_states"]
+
+    def take(self) -> torch.Tensor:
+        if self.last is None:
+            raise RuntimeError("the capture hook saw no forward")
+        h, self.last = self.last, None
+        return h
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.last = None
+
+
+class _CaptureState:
+    """The decode loop's bookkeeping for ``capture`` (see ``CaptureHooks``): per original row, the target
+    continuation, the tokens of it still to feed, and a buffer of the recorded hidden states (column j:
+    the continuation's j-th token, which every row feeds at step j)."""
+
+    def __init__(self, capture, prompts, expand, prefill_hidden: torch.Tensor, columns: int):
+        self.capture = capture
+        width = prefill_hidden.shape[1]
+        # left-padded prefill: prompt i's states are the last len(prompt) positions of its prefill row
+        self.prompt_hidden = [prefill_hidden[int(expand[i]), width - len(p):] for i, p in enumerate(prompts)]
+        self.reply_hidden = prefill_hidden.new_zeros(len(prompts), columns, prefill_hidden.shape[-1])
+        self.columns = columns
+        self.targets: dict[int, list[int]] = {}
+        self.forced: dict[int, list[int]] = {}  # row -> target tokens still to feed
+        self.finishing: list[int] = []  # rows whose last target token is fed at this step
+
+    def before_forward(self, step, rows, live, stopped, tokens, out) -> torch.Tensor:
+        """Ask the capture for the targets of the rows that stopped sampling at ``step``, put the forced
+        tokens into ``tokens`` (in place) and return which batch rows feed a token worth recording."""
+        for i in stopped.nonzero().squeeze(-1).tolist():
+            row = int(rows[i])
+            generated = out[row, : step + 1].tolist()
+            target = self.capture.target(row, generated)
+            if target is None:
+                continue
+            target = [int(t) for t in target]
+            k = min(step, len(target))  # continuation tokens fed so far: generated[:step]
+            if target[:k] != generated[:k]:
+                diff = next(j for j in range(k) if target[j] != generated[j])
+                self.capture.skip(row, f"the encoded reply differs from the sampled tokens at token {diff}")
+                continue
+            if len(target) > self.columns:
+                self.capture.skip(row, f"the encoded reply ({len(target)} tokens) needs more than "
+                                       f"{self.columns - step} steps after sampling")
+                continue
+            self.targets[row] = target
+            if len(target) <= step:  # every state is recorded already
+                self._finish(row)
+            else:
+                self.forced[row] = target[step:]
+        feeding = live.clone()
+        self.finishing = []
+        for i, row in enumerate(rows.tolist()):
+            rest = self.forced.get(row)
+            if rest:
+                tokens[i] = rest.pop(0)
+                feeding[i] = True
+                if not rest:
+                    self.finishing.append(row)
+        return feeding
+
+    def after_forward(self, step, rows, feeding, hidden: torch.Tensor) -> None:
+        """Record column ``step`` of the rows that fed a token, and hand over the rows completed."""
+        sel = feeding.to(hidden.device)
+        self.reply_hidden[rows[feeding].to(hidden.device), step] = hidden[sel, 0].to(self.reply_hidden.dtype)
+        for row in self.finishing:
+            del self.forced[row]
+            self._finish(row)
+        self.finishing = []
+
+    def _finish(self, row: int) -> None:
+        n = len(self.targets[row])
+        self.capture.collect(row, self.prompt_hidden[row].cpu().clone(), self.reply_hidden[row, :n].cpu().clone())
 
 
 # -- the reference path ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from rmlib.core.atomic_io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from rmlib.core.precision import resolve_bf16
+from rmlib.model.bottom_capture import StoreCapture, rm_encoder
 from rmlib.model.decoding import LEGACY_SAMPLER, SAMPLER, DecodeLoop, RowSampler  # noqa: F401  (RowSampler: re-export)
 from rmlib.model.encoding import format_prompt
 from rmlib.model.layers import unwrap_causal_lm
@@ -117,8 +118,8 @@ class _BatchSampler:
         finally:
             self.policy.train(was_training)
 
-    def __call__(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
-        return self.loop(prompts, seeds)
+    def __call__(self, prompts: list[list[int]], seeds: list[int], capture=None) -> list[list[int]]:
+        return self.loop(prompts, seeds) if capture is None else self.loop(prompts, seeds, capture=capture)
 
 
 def split_response(ids: list[int], stop_token_ids) -> tuple[list[int], bool]:
@@ -217,6 +218,9 @@ def sample_responses(
     seed: int = 0,
     bf16: bool | str = "auto",
     progress: bool = True,
+    capture_store=None,
+    capture_tokenizer=None,
+    capture_max_length: int | None = None,
 ) -> pd.DataFrame:
     """N sampled replies per prompt, stored in ``out_path`` as they are made; see the module docstring.
 
@@ -226,6 +230,13 @@ def sample_responses(
     (also without it), ``n_tokens = len(response_ids)``, ``finished``: a stop token was generated
     within ``max_new_tokens``. Batches: ``generation_batches`` (several prompts share a batch
     when n < batch_size).
+
+    ``capture_store``: a ``BottomStore`` of the reward models that will score the samples, whose frozen
+    bottom is the policy's: each sampled batch's entries (the samples as ``capture_tokenizer``, default
+    ``tokenizer``, encodes them for scoring with ``capture_max_length``) are recorded while sampling and
+    written before the batch's samples (``rmlib.model.bottom_capture``; ValueError if the policy's bottom
+    is not the store's). Samples are the same with and without it. ``df.attrs["capture"]``: counts of rows captured,
+    found stored already and left to the plain build (by reason), and a one-line report.
     """
 
     ids = _check_sampling_args(prompts, prompt_ids, n, batch_size, max_new_tokens, temperature, top_p)
@@ -257,13 +268,23 @@ def sample_responses(
     if missing < n * len(ids):
         logger.info("%s: %d of %d samples already there", out_path, n * len(ids) - missing, n * len(ids))
 
+    capture = None
+    if capture_store is not None and todo:
+        capture = StoreCapture(capture_store, policy, sampler.bf16)
     if todo:
         prompt_tokens = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for units in todo for i, _ in units}
         with sampler.eval_mode(), tqdm(total=missing, desc="sampling", unit="sample", disable=not progress) as bar:
             for units in todo:
                 rows = [(i, s) for i, idx in units for s in idx]  # one generated row per (prompt, sample)
+                if capture is not None:
+                    decode = lambda reply: tokenizer.decode(reply, skip_special_tokens=False)  # noqa: E731  (as below)
+                    capture.begin([prompt_tokens[i] for i, _ in rows],
+                                  rm_encoder(capture_tokenizer or tokenizer, decode, lambda r: prompts[rows[r][0]],
+                                             stop_ids, capture_max_length))
                 new_tokens = sampler([prompt_tokens[i] for i, _ in rows],
-                                     [sample_seed(seed, ids[i], s) for i, s in rows])
+                                     [sample_seed(seed, ids[i], s) for i, s in rows], capture)
+                if capture is not None:
+                    capture.flush()  # before the samples: a sample in the file has its entry (or falls back)
                 batch_rows, n_new = [], 0
                 for (i, s), gen in zip(rows, new_tokens):
                     pid = ids[i]
@@ -285,7 +306,12 @@ def sample_responses(
 
     for pid, m, text in zip(ids, prompts, texts):  # prompts whose record was lost keep their current text
         stored_prompts.setdefault(pid, {"prompt_id": pid, "messages": m, "prompt": text})
-    return _frame(stored_prompts, [stored[(pid, s)] for pid in ids for s in range(n)])
+    frame = _frame(stored_prompts, [stored[(pid, s)] for pid in ids for s in range(n)])
+    if capture is not None:
+        frame.attrs["capture"] = {"captured": capture.captured, "present": capture.present,
+                                  "fallback": dict(capture.fallback), "report": capture.report()}
+        (logger.warning if capture.fallback else logger.info)("%s: %s", out_path, capture.report())
+    return frame
 
 
 # -- evaluation-time sampling ---------------------------------------------------------------------------

@@ -65,11 +65,13 @@ def run_layers(
     stop: int,
     position_ids: torch.Tensor | None = None,
     past_key_values=None,
+    keep: dict | None = None,
 ) -> torch.Tensor:
     """decoder.layers[start:stop] on ``hidden`` (N, T, H), built as in ``LlamaModel.forward``.
 
     ``attention_mask`` is 2D (N, past + T); ``position_ids`` default to 0..T-1 (right padding)
-    plus the cache length. A ``past_key_values`` cache is read and extended in place.
+    plus the cache length. A ``past_key_values`` cache is read and extended in place. ``keep``:
+    a dict whose keys are layer indices in (start, stop); each gets the hidden states entering it.
     """
 
     if position_ids is None:
@@ -78,7 +80,9 @@ def run_layers(
     mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
                               past_key_values=past_key_values, position_ids=position_ids)
     position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin)
-    for layer in decoder.layers[start:stop]:
+    for i, layer in enumerate(decoder.layers[start:stop], start):
+        if keep is not None and i in keep:
+            keep[i] = hidden
         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                        position_ids=position_ids, past_key_values=past_key_values,
                        use_cache=past_key_values is not None)

@@ -404,9 +404,9 @@ def _causal_lm_from_sequence_classification(path: Path, meta: dict, dtype: torch
     cfg.vocab_size = vocab
     cfg.pad_token_id = meta.get("pad_token_id", cfg.pad_token_id)
     cfg.architectures = None
-    with no_init_weights():  # every weight is copied in below
+    with no_init_weights():  # every weight is set below
         lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    lm.model.load_state_dict(state)
+    lm.model.load_state_dict(state, assign=True)  # the loaded tensors become the weights: no second copy
     lm.tie_weights()  # tied LM head = the embedding (no_init_weights skips the tying)
     w_p = cls.score.weight.detach().clone()
     del cls, state

@@ -23,6 +23,10 @@ PARAMS_DIR = REPO_ROOT / "params"
 NOTEBOOK_ORDER = ["02_train_rm", "04_bon_curves", "01_norm_dispersion", "03_overopt_scenarios", "05_rloo"]
 
 
+# what a preset's ``requires`` may say: the hardware ``check_machine`` asks for
+REQUIREMENTS = ("cpu", "gpu", "multi_gpu")
+
+
 class PresetError(ValueError):
     """A preset that is malformed or cannot run on this machine."""
 
@@ -35,6 +39,8 @@ def load_preset(name: str) -> dict:
     preset = yaml.safe_load(path.read_text()) or {}
     if not isinstance(preset, dict) or "notebooks" not in preset:
         raise PresetError(f"{path}: expected a mapping with a 'notebooks' section")
+    if preset.get("requires", "cpu") not in REQUIREMENTS:  # a typo such as 'cuda' would run anywhere
+        raise PresetError(f"{path}: requires {preset['requires']!r}; allowed: {', '.join(REQUIREMENTS)}")
     return preset
 
 

@@ -23,6 +23,10 @@ What this package adds (one module per job):
   proxy reward, gold reward, KL to the initial policy, mean response length, gold win rate
   against the initial policy's answers. Records survive a kill and a resume.
 - ``config.RLOORunConfig``: the run's settings, validated, and TRL's ``RLOOConfig`` built from them.
+- ``shared_bottom.SharedBottomRLOOTrainer`` (mode ``topk``, Coste et al. 2024: only the policy's top
+  ``policy_top_k_layers`` layers + final norm train): TRL's ``RLOOTrainer`` with one frozen-bottom
+  forward per completion serving the policy and reference log-probs (the reference shares the
+  bottom, ``shared_reference``) and a top-k proxy RM of the same backbone; sampling by ``DecodeLoop``.
 - ``trainer.train_rloo``: the entry point (resumes from the newest complete checkpoint, reuses a
   finished run). Tables: ``rmlib.analysis.rloo_curves``; figure: ``rmlib.plots.rloo_curves_figure``.
 

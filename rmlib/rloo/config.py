@@ -15,7 +15,7 @@ from trl import RLOOConfig
 from rmlib.core.precision import resolve_bf16
 from rmlib.model import assets
 
-MODES = ("lora", "full")
+MODES = ("lora", "full", "topk")
 
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -51,7 +51,11 @@ class RLOORunConfig:
     policy: str = field(default=assets.DEFAULT_MODEL, metadata={"help": "short name, local folder or hub id"})
     proxy_rm: str = field(default="", metadata={"help": "folder of the proxy RM that is optimized"})
     gold_rm: str = field(default="", metadata={"help": "folder of the gold RM (tracked, never optimized)"})
-    mode: str = field(default="lora", metadata={"help": "lora | full fine-tuning of the policy"})
+    mode: str = field(default="lora", metadata={
+        "help": "lora | full fine-tuning of the policy | topk: only its top policy_top_k_layers decoder layers + "
+                "final norm train, one shared bottom forward per completion (rmlib.rloo.shared_bottom)"})
+    policy_top_k_layers: int = field(default=2, metadata={
+        "help": "mode topk: trainable top decoder layers of the policy (Coste et al. 2024: 2)"})
     policy_dtype: str = field(default="float32", metadata={
         "help": "float32 | bfloat16 (frozen base, lora only) | auto (bfloat16 where bf16 is fast and mode is lora)"})
     lora_r: int = 16
@@ -102,7 +106,7 @@ class RLOORunConfig:
             raise ValueError("lora_targets must name at least one module in mode 'lora'")
         if not str(self.policy):
             raise ValueError("policy must name a model (short name, folder or hub id)")
-        for name in ("lora_r", "lora_alpha", "prompts_per_step", "gradient_accumulation_steps", "max_steps",
+        for name in ("lora_r", "lora_alpha", "policy_top_k_layers", "prompts_per_step", "gradient_accumulation_steps", "max_steps",
                      "max_completion_length", "rm_batch_size", "track_every", "eval_samples_per_prompt",
                      "eval_batch_size", "save_steps", "save_total_limit", "logging_steps"):
             check_number(name, getattr(self, name), low=1, integer=True)
@@ -132,6 +136,8 @@ class RLOORunConfig:
         """All fields (JSON-ready); the identity of a run together with the prompt sets' digest."""
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        if self.mode != "topk":  # added with mode topk: runs of the other modes keep their identity
+            d.pop("policy_top_k_layers")
         return d
 
     def trl_config(self, progress: bool = True):
@@ -151,5 +157,6 @@ class RLOORunConfig:
             logging_steps=self.logging_steps, save_strategy="steps", save_steps=self.save_steps,
             save_total_limit=self.save_total_limit, report_to="none", dataloader_num_workers=0,
             disable_tqdm=not progress, normalize_advantages=False, log_completions=False,
-            model_init_kwargs={"dtype": self.policy_dtype},
+            # mode topk: the policy is passed loaded (rmlib.rloo.shared_bottom), TRL loads nothing
+            model_init_kwargs=None if self.mode == "topk" else {"dtype": self.policy_dtype},
         )

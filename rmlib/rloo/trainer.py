@@ -31,6 +31,7 @@ from rmlib.model.scoring import _tokenizer, _version
 from rmlib.rloo.config import CONFIG_FILE, CURVES_FILE, RESULT_FILE, RLOORunConfig
 from rmlib.rloo.prompts import PromptSets, prompt_stream
 from rmlib.rloo.reward_fn import RewardModelFunction, check_reward_model_dir
+from rmlib.rloo.shared_bottom import SharedBottomRLOOTrainer, make_topk_policy
 from rmlib.rloo.tracker import (
     RECORDS_FILE,
     RLOOTracker,
@@ -137,10 +138,16 @@ def train_rloo(config: RLOORunConfig, prompts: PromptSets, resume: bool = True, 
                           max_new_tokens=config.max_completion_length, temperature=config.temperature,
                           top_p=config.top_p, seed=config.seed, batch_size=config.eval_batch_size, bf16=config.bf16,
                           config=identity, progress=progress)
-    trainer = RLOOTrainer(model=policy_path, reward_funcs=proxy, args=args, train_dataset=train_ds,
-                          processing_class=tokenizer, callbacks=[tracker, *(callbacks or [])],
-                          peft_config=peft_config)
-    if config.mode == "full":
+    if config.mode == "topk":  # one frozen-bottom forward per completion for policy, reference and a top-k proxy
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=getattr(torch, config.policy_dtype))
+        trainer = SharedBottomRLOOTrainer(model=make_topk_policy(policy, config.policy_top_k_layers),
+                                          reward_funcs=proxy, args=args, train_dataset=train_ds,
+                                          processing_class=tokenizer, callbacks=[tracker, *(callbacks or [])])
+    else:
+        trainer = RLOOTrainer(model=policy_path, reward_funcs=proxy, args=args, train_dataset=train_ds,
+                              processing_class=tokenizer, callbacks=[tracker, *(callbacks or [])],
+                              peft_config=peft_config)
+    if config.mode in ("full", "topk"):  # topk: the reference shares the policy's bottom (shared_reference)
         tracker.reference = trainer.ref_model
         if tracker.reference is None:  # beta = 0: TRL keeps no reference; load the initial policy
 
