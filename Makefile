@@ -29,7 +29,8 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
 	$(PY) -m rmlib.pipeline.reproduce --preset smoke --prepare-only --out runs/nbval
-	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider runs/nbval
+	# in dependency order (rmlib.pipeline.presets.NOTEBOOK_ORDER: 04 trains the zoo 01 and 05 read), not alphabetical
+	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider $$($(PY) -c "from rmlib.pipeline.presets import NOTEBOOK_ORDER; print(' '.join(f'runs/nbval/{s}.ipynb' for s in NOTEBOOK_ORDER))")
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests

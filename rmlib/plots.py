@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from rmlib.analysis.bon import variant_curves
+from rmlib.analysis.bon import kl_bon, variant_curves
 from rmlib.analysis.synthetic_gold import ORACLE, VARIANT_LABELS
 from rmlib.reward.variants import VARIANTS
 
@@ -62,8 +62,8 @@ def plot_bon_curves(curves: pd.DataFrame, policy: str | None = None, title: str 
     if curves.empty:
         raise ValueError(f"no curves for policy {policy!r}")
     mean = variant_curves(curves)
-    variants = [v for v in VARIANTS if v in set(mean["variant"])]
-    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    variants = _variant_order(mean["variant"])
+    colors = _variant_colors(variants)
     fig, axes = plt.subplots(1, len(variants) + 1, figsize=(3.4 * (len(variants) + 1), 3.3), sharey=True,
                              squeeze=False)
     axes = axes[0]
@@ -80,7 +80,8 @@ def plot_bon_curves(curves: pd.DataFrame, policy: str | None = None, title: str 
         ax.plot(g["kl_bon"], g["gold_norm"], ls="-", color=c, marker="o", ms=3, label="gold")
         band(ax, g, "gold_norm", c)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{VARIANT_LABELS.get(variant, variant)} ({int(g['n_seeds'].iloc[0])} seed(s))")
+        seeds = "" if (g["n_seeds"].iloc[0] == 1 and variant not in VARIANTS) else f" ({int(g['n_seeds'].iloc[0])} seed(s))"
+        ax.set_title(f"{VARIANT_LABELS.get(variant, variant)}{seeds}")  # an ensemble is one curve of several seeds
         ax.set_xlabel("KL_bon = log n - (n-1)/n")
     axes[0].set_ylabel("score - score at n=1")
     axes[0].legend(loc="upper left", fontsize=8)
@@ -143,18 +144,119 @@ def training_curves(history: pd.DataFrame, title: str = "", eval_accuracy: float
     return fig
 
 
-def head_norm_curves(records: pd.DataFrame):
+def levers(noise: float | None = None, n: int | None = None, epochs: float | None = None,
+           steps: int | None = None, **more) -> str:
+    """The levers of the over-optimization regime, for a figure title (issue 19: every figure states
+    them): ``"noise 25%, N = 96 (KL_bon 3.58), 5 epochs, 30 steps"`` plus ``more`` as ``name value``."""
+    parts = []
+    if noise is not None:
+        parts.append(f"label noise {noise:.0%}")
+    if n is not None:
+        parts.append(f"N = {n} (KL_bon {float(kl_bon(int(n))):.2f})")
+    if epochs is not None:
+        parts.append(f"{epochs:g} epoch(s)")
+    if steps is not None:
+        parts.append(f"{steps} steps")
+    parts += [f"{k.replace('_', ' ')} {v}" for k, v in more.items() if v is not None]
+    return ", ".join(parts)
+
+
+def _variant_order(names) -> list[str]:
+    """Known variants in their registry order, then ensembles and others (the oracle left out)."""
+    present = list(dict.fromkeys(names))
+    known = [v for v in VARIANTS if v in present]
+    return known + [v for v in present if v not in known and v != ORACLE]
+
+
+def _variant_colors(variants) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {v: cycle[i % len(cycle)] for i, v in enumerate(variants)}
+
+
+def gao_fit_figure(curves: pd.DataFrame, fits: pd.DataFrame, title: str = ""):
+    """Gao et al.'s fit over the measured Best-of-N gold curve, one panel per variant: the seed-mean
+    gold change of the pick (points, +-1.96 SEM over prompts), the fitted d (alpha - beta d),
+    d = sqrt(KL_bon) (line) and, where beta > 0, the peak KL* with its 95% bootstrap interval (span).
+    ``curves``: ``bon.bon_curves`` rows of one policy and level; ``fits``: ``gao_fit.fit_table`` rows
+    (the variant rows, rm "", are used)."""
+    import numpy as np
+
+    from rmlib.analysis.gao_fit import fitted_curve
+
+    mean = variant_curves(curves)
+    rows = fits[fits["rm"] == ""].set_index("variant")
+    variants = [v for v in _variant_order(mean["variant"]) if v in rows.index]
+    if not variants:
+        raise ValueError("no variant has both curves and a fit")
+    colors = _variant_colors(variants)
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.3), sharey=True, squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        g = mean[mean["variant"] == variant].sort_values("n")
+        f, c = rows.loc[variant], colors[variant]
+        ax.errorbar(g["kl_bon"], g["gold_norm"], yerr=1.96 * g["gold_sem"], fmt="o", ms=3, color=c, capsize=2,
+                    label="gold of the pick")
+        kl = np.linspace(0, float(g["kl_bon"].max()), 100)
+        ax.plot(kl, fitted_curve(f["alpha"], f["beta"], kl), color=c, label="Gao fit")
+        if f["beta"] > 0 and np.isfinite(f["kl_star"]):
+            lo, hi = f.get("kl_star_low", np.nan), min(f.get("kl_star_high", np.nan), float(kl.max()))
+            if np.isfinite(lo) and np.isfinite(hi) and lo < hi:
+                ax.axvspan(lo, hi, color=c, alpha=0.12, lw=0, label="KL* 95% interval")
+            if f["kl_star"] <= kl.max():
+                ax.axvline(f["kl_star"], color=c, ls=":", lw=1)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{VARIANT_LABELS.get(variant, variant)}\nbeta {f['beta']:.3f} "
+                     f"[{f.get('beta_low', np.nan):.3f}, {f.get('beta_high', np.nan):.3f}]", fontsize=9)
+        ax.set_xlabel("KL_bon")
+    axes[0][0].set_ylabel("gold - gold at n=1")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "Gao fit of the Best-of-N gold curves")
+    fig.tight_layout()
+    return fig
+
+
+def epoch_curves(table: pd.DataFrame, title: str = ""):
+    """Notebook 01 under over-training: one line per model across epoch ends (epoch 0 = the untrained
+    model) for training / held-out / OOD accuracy (+-1.96 binomial SE), held-out BT loss (+-1.96 SEM), mean ||h_c - h_r||,
+    CV of ||h|| and effective rank (probe). ``table``: ``dispersion.epoch_table`` rows with a
+    ``model`` column."""
+    panels = [(c, t) for c, t in [("accuracy", "train accuracy (probe)"), ("heldout_accuracy", "held-out accuracy"),
+                                  ("ood_accuracy", "OOD accuracy"), ("heldout_loss", "held-out BT loss"),
+                                  ("pair_dist_mean", "mean ||h_c - h_r|| (probe)"), ("h_norm_cv", "CV of ||h|| (probe)"),
+                                  ("erank", "effective rank (probe)")] if c in table.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.3), squeeze=False)
+    for ax, (col, name) in zip(axes[0], panels):
+        for model, g in table.groupby("model", sort=False):
+            g = g.sort_values("epoch")
+            sem = g.get(f"{col}_sem") if col.endswith("_loss") else None
+            n = g.get(col.replace("accuracy", "n_pairs")) if col.endswith("accuracy") else None
+            if n is not None:  # binomial standard error of an accuracy on n pairs
+                sem = (g[col] * (1 - g[col]) / n) ** 0.5
+            if sem is not None:
+                ax.errorbar(g["epoch"], g[col], yerr=1.96 * sem, marker="o", ms=3, capsize=2, label=model)
+            else:
+                ax.plot(g["epoch"], g[col], marker="o", ms=3, label=model)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def head_norm_curves(records: pd.DataFrame, title: str = ""):
     """||W_p|| against the optimizer step, one line per model (BSR paper Fig 1 analogue).
     ``records``: wide callback records with ``model``, ``step`` and ``w_norm`` columns."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     sns.lineplot(data=records, x="step", y="w_norm", hue="model", marker="o", markersize=3, ax=ax)
     ax.set_ylabel("||W_p||")
-    ax.set_title("Reward-head norm during training")
+    ax.set_title(title or "Reward-head norm during training", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def pair_distances_by_epoch(distances: pd.DataFrame):
+def pair_distances_by_epoch(distances: pd.DataFrame, title: str = ""):
     """Distribution of ||h(x,y_c) - h(x,y_r)|| on the probe pairs per epoch, one panel per model
     (BSR paper Fig 2 analogue; epoch 0 = the untrained backbone)."""
     d = distances.copy()
@@ -166,7 +268,7 @@ def pair_distances_by_epoch(distances: pd.DataFrame):
                        color="#9ecae1")
         ax.set_title(model)
         ax.set_ylabel("||h_c - h_r||")
-    fig.suptitle("Hidden-state distance of chosen vs rejected, per epoch")
+    fig.suptitle(title or "Hidden-state distance of chosen vs rejected, per epoch")
     fig.tight_layout()
     return fig
 

@@ -81,3 +81,14 @@ def test_power_statement():
     assert "cannot detect" in power.power_statement(0.05, 0.0152) and "0.050" in power.power_statement(0.05)
     assert "can detect" in power.power_statement(0.01, 0.0152)
     assert "unknown" in power.power_statement(math.nan, 0.01)
+
+
+def test_mdd_verdicts_put_the_power_beside_each_claim():
+    rows = [{"variant": v, "scenario": "val2_prompt_ood", "value": x, "ci_low": x - 0.05, "ci_high": x + 0.05,
+             "seed_std": 0.01, "n_seeds": 3} for v, x in (("bt", 0.50), ("bsr", 0.70))]
+    table = power.mdd_verdicts(pd.DataFrame(rows), "scenario").iloc[0]
+    se = power.combined_sem(*[power.seed_mean_se(0.05 / 1.96, 0.01, 3)] * 2)
+    assert table["measure"] == "val2_prompt_ood" and table["difference"] == pytest.approx(0.2)
+    assert table["verdict"] == "reproduced" and table["mdd"] == pytest.approx(power.mdd(se))
+    assert table["paper_effect"] == pytest.approx(0.0152) and table["detectable"] is not None and not table["detectable"]
+    assert "this design cannot detect it" in table["power"]

@@ -195,3 +195,63 @@ def test_readme_block_is_replaced_between_markers_only(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="lacks the markers"):
         report.update_readme("x", readme)
+
+
+@pytest.fixture
+def zoo_results(results):
+    """The issue-19 tables: per-noise BoN summary, fits, mitigation verdicts and regime; RLOO arms;
+    01's regime with mitigation verdicts; 03's verdicts with their MDD."""
+    run = results / "runs"
+    row = dict(policy="pol", n_seeds=2, n_final=96, kl_final=3.58, proxy_norm_final=0.7, gold_norm_final=-0.1,
+               n_gold_peak=8)
+    write(run, report.BON, "bon_summary", "bon.csv", pd.DataFrame(
+        [{**row, "noise": p, "variant": v, "gold_minus_bt": 0.0, "gold_minus_bt_sem": 0.0}
+         for p in (0.25, 0.0) for v in ("bt", "bsr")]))
+    write(run, report.BON, "regime", "bon_regime.csv", pd.DataFrame([
+        {"experiment": "04_bon_curves", "policy": "pol", "noise": 0.25, "reached": True, "test": "drop from the peak",
+         "numbers": "gold 0.3 below its peak", "line": "BT over-optimizes here: yes (drop from the peak: gold 0.3 below)"},
+        {"experiment": "04_bon_curves", "policy": "pol", "noise": 0.0, "reached": False, "test": "neither",
+         "numbers": "flat", "line": "BT over-optimizes here: no (neither: flat)"}]))
+    write(run, report.BON, "bon_verdicts", "bon_verdicts.csv", pd.DataFrame([
+        {"noise": 0.25, "variant": "bsr", "label": "BSR", "gold_minus_bt": 0.2, "gold_minus_bt_sem": 0.05,
+         "rule_verdict": claims.REPRODUCED, "verdict": claims.REPRODUCED},
+        {"noise": 0.0, "variant": "bsr", "label": "BSR", "gold_minus_bt": 0.2, "gold_minus_bt_sem": 0.05,
+         "rule_verdict": claims.REPRODUCED, "verdict": claims.BT_NO_OVEROPT}]))
+    write(run, report.BON, "bon_fits", "fits.csv", pd.DataFrame([
+        {"policy": "pol", "noise": 0.25, "rm": None, "variant": "bt", "alpha": 0.5, "beta": 0.2, "kl_star": 1.56}]))
+    write(run, report.RLOO, "rloo_summary", "rloo.csv", pd.DataFrame([{"run": "bt_beta0", "kl": 4.2, "gold_delta": 0.0}]))
+    write(run, report.RLOO, "regime", "rloo_regime.csv", pd.DataFrame([
+        {"experiment": "05_rloo", "run": "bt_beta0", "proxy": "bt", "beta": 0.0, "reached": False, "test": "t",
+         "numbers": "slopes", "line": "bt_beta0: BT over-optimizes here: no (t: slopes)"}]))
+    write(run, report.RLOO, "rloo_verdicts", "rloo_verdicts.csv", pd.DataFrame([
+        {"run": "bsr_beta0", "claim": "RLOO against bsr gains more gold reward than against BT (beta 0; BSR §3.3)",
+         "ours": "+0.2 vs BT +0.0", "rule_verdict": claims.REPRODUCED, "verdict": claims.BT_NO_OVEROPT}]))
+    write(run, report.NORMS, "findings", "norm_findings.csv", pd.DataFrame([
+        {"model": "bt s0 (25%)", "claim": "pair_dist_growth_mean", "value": 1.5, "baseline": 1.5, "rule_verdict": None,
+         "verdict": None},
+        {"model": "bsr s0 (25%)", "claim": "pair_dist_growth_mean", "value": 1.1, "baseline": 1.5,
+         "rule_verdict": claims.REPRODUCED, "verdict": claims.BT_NO_OVEROPT}]))
+    write(run, report.NORMS, "regime", "norm_regime.csv", pd.DataFrame([
+        {"experiment": "01_norm_dispersion", "model": "bt s0 (25%)", "regime": "spreading", "reached": False, "test": "t",
+         "numbers": "pair_dist_mean x1.01", "line": "BT spreads the hidden states: no (t: pair_dist_mean x1.01)"}]))
+    write(run, report.SCENARIOS, "verdicts", "v.csv", pd.DataFrame([
+        {"variant": "bsr", "measure": "val2_prompt_ood", "difference": 0.01, "noise": 0.05, "verdict": claims.NOT_AT_SCALE,
+         "mdd": 0.15, "paper_effect": 0.0152, "detectable": False}]))
+    return results
+
+
+def test_regime_lines_and_mitigation_verdicts_of_the_zoo(zoo_results):
+    text = report.build(zoo_results / "runs", zoo_results, preset="test")
+    lines = claim_lines(text)
+    assert lines["BT over-optimizes in Best-of-N at 25% label noise (Gao et al.; GRM Fig 2)"] == claims.REPRODUCED
+    assert lines["BT over-optimizes in Best-of-N at 0% label noise (Gao et al.; GRM Fig 2)"] == claims.NOT_AT_SCALE
+    bsr = "BSR: its best-of-n pick keeps more gold than BT's at the largest n, {} label noise (GRM Fig 2; Coste et al.)"
+    assert lines[bsr.format("25%")] == claims.REPRODUCED and lines[bsr.format("0%")] == claims.BT_NO_OVEROPT
+    assert lines["RLOO against bsr gains more gold reward than against BT (beta 0; BSR §3.3)"] == claims.BT_NO_OVEROPT
+    assert lines["bsr s0 (25%): mean ‖h_c − h_r‖ grows less than under BT (BSR §4)"] == claims.BT_NO_OVEROPT
+    assert "- BT over-optimizes here: yes (drop from the peak: gold 0.3 below)" in text  # one line per level
+    assert "- bt_beta0: BT over-optimizes here: no (t: slopes)" in text and "KL reached: 4.20 nats" in text
+    assert "- BT spreads the hidden states: no" in text
+    assert claims.REGIME_RULES in text
+    mdd = lines["bsr above BT on val2_prompt_ood (BSR Table 5 / GRM Table 1)"]
+    assert mdd == claims.NOT_AT_SCALE and "| +0.0100 (noise 0.0500); MDD 0.1500, paper +0.0152 (not detectable here) |" in text

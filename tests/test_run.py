@@ -21,9 +21,9 @@ def no_execution(monkeypatch):
 
 
 def test_unknown_name_is_refused_with_the_closest_match(capsys, no_execution):
-    assert run.main(["01_norm_dispersion", "-p", "n_trian", "5"]) == 2
+    assert run.main(["03_overopt_scenarios", "-p", "n_train_pair", "5"]) == 2
     err = capsys.readouterr().err
-    assert "unknown parameter 'n_trian' for 01_norm_dispersion; did you mean 'n_train'?" in err
+    assert "unknown parameter 'n_train_pair' for 03_overopt_scenarios; did you mean 'n_train_pairs'?" in err
     assert "accepted: backbone, batch_size, bf16, epochs" in err  # the accepted names, listed
 
 
@@ -35,16 +35,16 @@ def test_unknown_name_without_a_close_match_lists_the_accepted_ones(capsys, no_e
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("n_train", "2.5", "parameter 'n_train' for 01_norm_dispersion takes an int; got '2.5', read as a float"),
-    ("n_train", "true", "takes an int; got 'true', read as a bool"),  # a bool is not a number here
+    ("n_train_pairs", "2.5", "parameter 'n_train_pairs' for 03_overopt_scenarios takes an int; got '2.5', read as a float"),
+    ("n_train_pairs", "true", "takes an int; got 'true', read as a bool"),  # a bool is not a number here
     ("variants", "bt", "takes a list; got 'bt', read as a string"),
     ("epochs", "two", "takes a float; got 'two', read as a string"),
     ("backbone", "2024", "takes a string; got '2024', read as an int (quote it"),
     ("seeds", "{a: 1}", "takes a list; got '{a: 1}', read as a mapping"),
-    ("n_eval", "null", "takes an int; got 'null', read as a null"),
+    ("max_pairs_per_prompt", "null", "takes an int; got 'null', read as a null"),
 ])
 def test_a_value_of_the_wrong_type_is_refused(capsys, no_execution, name, value, message):
-    assert run.main(["01_norm_dispersion", "-p", name, value]) == 2
+    assert run.main(["03_overopt_scenarios", "-p", name, value]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -61,12 +61,12 @@ def test_values_are_read_as_yaml_and_an_int_is_taken_for_a_float():
 
 
 def test_the_preset_is_the_starting_point():
-    cpu = run.build_parameters("01_norm_dispersion", [])
-    assert cpu["params"]["n_train"] == 300 and cpu["params"]["run_dir"] == "runs/cpu"
+    cpu = run.build_parameters("03_overopt_scenarios", [])
+    assert cpu["params"]["n_train_pairs"] == 400 and cpu["params"]["run_dir"] == "runs/cpu"
     assert cpu["params"]["figures_dir"] == "figures" and not cpu["changed"]
     assert cpu["params"]["batch_size"] == 4  # not in the preset: the notebook's default
-    smoke = run.build_parameters("01_norm_dispersion", [], "smoke")
-    assert smoke["params"]["n_train"] == 16 and smoke["params"]["run_dir"] == "runs/smoke"
+    smoke = run.build_parameters("03_overopt_scenarios", [], "smoke")
+    assert smoke["params"]["n_train_pairs"] == 16 and smoke["params"]["run_dir"] == "runs/smoke"
 
 
 def test_overrides_that_change_a_value_get_their_own_run_dir():
@@ -91,10 +91,10 @@ def test_run_dir_and_figures_dir_given_by_the_user_are_kept():
 
 
 def test_dry_run_prints_the_final_parameters(capsys, no_execution):
-    assert run.main(["01_norm_dispersion", "-p", "n_train", "600", "-p", "variants", "[bt, bsr]", "--dry-run"]) == 0
+    assert run.main(["03_overopt_scenarios", "-p", "n_train_pairs", "600", "-p", "variants", "[bt, grm]", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "n_train: 600" in out and "variants: [bt, bsr]" in out and "n_eval: 200" in out
-    run_dir = run.build_parameters("01_norm_dispersion", [("n_train", "600"), ("variants", "[bt, bsr]")])[
+    assert "n_train_pairs: 600" in out and "variants: [bt, grm]" in out and "max_prompts_per_split: 100" in out
+    run_dir = run.build_parameters("03_overopt_scenarios", [("n_train_pairs", "600"), ("variants", "[bt, grm]")])[
         "params"]["run_dir"]
     assert f"run_dir: {run_dir}" in out and f"figures_dir: {run_dir}/figures" in out
 
@@ -102,7 +102,7 @@ def test_dry_run_prints_the_final_parameters(capsys, no_execution):
 def test_a_notebook_path_and_an_unknown_notebook(capsys):
     path = str(NOTEBOOK_DIR / "04_bon_curves.ipynb")
     assert run.main([path, "--dry-run"]) == 0
-    assert "n_samples: 16" in capsys.readouterr().out
+    assert "n_samples: 96" in capsys.readouterr().out
     assert run.main(["04_bon", "--dry-run"]) == 2
     assert "did you mean '04_bon_curves'?" in capsys.readouterr().err
 

@@ -281,3 +281,20 @@ def evaluate_benchmarks(model, tokenizer, names: Sequence[str] | None = None, ma
     if return_scores:
         return out, (pd.concat(all_scores, ignore_index=True) if all_scores else pd.DataFrame())
     return out
+
+
+def ood_pairs(names: Sequence[str], max_pairs_each: int | None, seed: int = 0):
+    """One out-of-distribution pair set: ``subsample_pairs`` of each named benchmark (at most
+    ``max_pairs_each`` pairs, category-stratified, ``seed``) concatenated, with the columns they share.
+    The OOD probe of the reward-model zoo (``rmlib.analysis.zoo``: HHH + LFQA)."""
+    from datasets import concatenate_datasets
+
+    if not names:
+        raise ValueError("names is empty: give at least one benchmark")
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    parts = [subsample_pairs(BENCHMARKS[n].load().dataset, max_pairs_each, seed=seed) for n in names]
+    shared = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    parts = [p.select_columns(shared) for p in parts]
+    return concatenate_datasets([p.cast(parts[0].features) for p in parts])

@@ -1,7 +1,9 @@
 """Running the synthetic-gold Best-of-N experiment (notebook 04): train the gold and proxies (or
 reuse them), score the proxy pool with the gold, sample the policy, score every sample with every
 reward model, save the run's bookkeeping. Each step is resumable or cached; the setup it runs
-(names, prompt split, relabeling, configs) is ``rmlib.analysis.synthetic_gold``.
+(names, prompt split, relabeling, configs) is ``rmlib.analysis.synthetic_gold``, the shared zoo of
+proxies at each label-noise level ``rmlib.analysis.zoo``. ``analyze_level`` turns one level's scores
+into the curves, Gao fits, the "BT over-optimizes here" line and the mitigation verdicts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,13 @@ import pandas as pd
 import torch
 from datasets import Dataset
 
+from rmlib.analysis import bon, claims, ensembles, gao_fit, zoo
 from rmlib.analysis.benchmarks import model_pair_scorer
 from rmlib.analysis.stats import pairwise_accuracy_table
 from rmlib.analysis.synthetic_gold import (
+    ORACLE,
     PROXY_PREFIX,
+    VARIANT_LABELS,
     parse_proxy_name,
 )
 from rmlib.core.atomic_io import write_json_atomic, write_table_atomic
@@ -67,14 +73,16 @@ def gold_quality_table(pairs: Dataset, chosen_scores, rejected_scores, n_boot: i
         columns={"category": "held_out_set"})
 
 
-def train_runs_table(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None) -> pd.DataFrame:
+def train_runs_table(configs: Mapping, train_pairs: Dataset, eval_pairs: Dataset | None = None,
+                     callbacks: Callable[[str], list] | None = None) -> pd.DataFrame:
     """Train (or reuse) every config in turn (``rmlib.reward.variants.train_configs``); one row per run:
     name, variant, seed, final_dir, train_pairs, steps, train_seconds, pairs_per_second, train_loss,
-    eval_accuracy (with ``eval_pairs``), wall_seconds (small when a finished run was reused)."""
+    eval_accuracy (with ``eval_pairs``), wall_seconds (small when a finished run was reused).
+    ``callbacks(name)``: per-run trainer callbacks (the zoo's per-epoch probes, ``zoo.Probes``)."""
     rows = []
     for name, config in configs.items():
         t0 = time.perf_counter()
-        result = rm_variants.train_configs({name: config}, train_pairs, eval_pairs)[name]
+        result = rm_variants.train_configs({name: config}, train_pairs, eval_pairs, callbacks)[name]
         wall = time.perf_counter() - t0
         variant, seed = parse_proxy_name(name) if name.startswith(PROXY_PREFIX) else ("gold", config.seed)
         m = result.metrics
@@ -191,3 +199,82 @@ def save_meta(path, **parts) -> Path:
         return x
 
     return write_json_atomic(path, plain(parts))
+
+
+# -- one noise level of the zoo: curves, Gao fits, the regime line, mitigation rows (issue 19) -------
+@dataclass
+class BonLevel:
+    """Best-of-N at one label-noise level: ``curves`` / ``summary`` (``bon``), ``fits`` (``gao_fit``:
+    one row per variant with its seeds averaged, rm "", then one per proxy), the regime of the
+    baseline (``claims.bon_overoptimizes`` on its variant row) and the ``verdicts`` of the mitigation
+    claims (``mitigation_table``). Every table carries ``noise`` and ``policy``."""
+
+    noise: float
+    policy: str
+    curves: pd.DataFrame
+    summary: pd.DataFrame
+    fits: pd.DataFrame
+    regime: claims.Regime
+    verdicts: pd.DataFrame
+
+    def regime_row(self) -> dict:
+        return {"experiment": "04_bon_curves", "policy": self.policy, "noise": self.noise,
+                "reached": self.regime.reached, "test": self.regime.test, "numbers": self.regime.numbers,
+                "line": f"{zoo.noise_label(self.noise)}" + (f", {self.policy}" if self.policy else "")
+                        + f": {self.regime.line()}"}
+
+
+def analyze_level(scores: pd.DataFrame, noise: float, policy: str = "", n_boot: int = 1000, seed: int = 0,
+                  baseline: str = "bt") -> BonLevel:
+    """Everything notebook 04 reports for one noise level of the zoo's score table (``zoo.score_column``
+    columns): the level's proxies plus the seed ensembles (``ensembles.add_seed_ensembles``: mean and
+    worst case of every variant with >= 2 seeds), exact Best-of-n curves, the summary with the paired
+    gold difference to ``baseline`` at the largest n, Gao fits with ``n_boot`` bootstrap resamples of
+    the prompts (``seed``), the baseline's regime and the mitigation verdicts."""
+    frame, proxies = zoo.scores_at(scores, noise)
+    frame, ens = ensembles.add_seed_ensembles(frame, proxies)
+    columns = [*proxies, *ens]
+    curves = bon.bon_curves(frame, columns, policy=policy)
+    summary = bon.summary_table(curves, frame, baseline=baseline)
+    fits = pd.concat([gao_fit.fit_table(frame, columns, by="variant", n_boot=n_boot, seed=seed),
+                      gao_fit.fit_table(frame, proxies, by="rm", n_boot=n_boot, seed=seed)], ignore_index=True)
+    row = fits[(fits["rm"] == "") & (fits["variant"] == baseline)]
+    regime = (claims.bon_overoptimizes(row.iloc[0].to_dict()) if len(row) else
+              claims.Regime(None, "Best-of-N drop from the peak / Gao fit", f"no {baseline} proxy at this level"))
+    tag = {"noise": noise, "policy": policy}
+    return BonLevel(noise, policy, curves.assign(**tag), summary.assign(**tag), fits.assign(**tag), regime,
+                    mitigation_table(summary, regime, baseline).assign(**tag))
+
+
+def mitigation_table(summary: pd.DataFrame, regime: claims.Regime, baseline: str = "bt") -> pd.DataFrame:
+    """One row per variant other than the baseline (BSR, GRM, the ensembles): "its best-of-n pick keeps
+    more gold than the baseline's at the largest n" (GRM Fig 2; Coste et al. for the ensembles), the
+    paired difference and its SEM over prompts, rule 1's verdict (``claims.z_verdict``) and the
+    claim's verdict through ``claims.mitigation_verdict`` (tested only where the baseline over-optimizes)."""
+    rows = []
+    for _, r in summary.iterrows():
+        if r["variant"] in (baseline, ORACLE):
+            continue
+        rule = claims.z_verdict(r["gold_minus_bt"], r["gold_minus_bt_sem"], want="higher")
+        rows.append({"variant": r["variant"], "label": VARIANT_LABELS.get(r["variant"], r["variant"]),
+                     "gold_minus_bt": r["gold_minus_bt"], "gold_minus_bt_sem": r["gold_minus_bt_sem"],
+                     "n_final": r["n_final"], "rule_verdict": rule, "verdict": claims.mitigation_verdict(regime, rule)})
+    return pd.DataFrame(rows, columns=["variant", "label", "gold_minus_bt", "gold_minus_bt_sem", "n_final",
+                                       "rule_verdict", "verdict"])
+
+
+def describe_level(level: BonLevel) -> str:
+    """Markdown lines for one level, computed from its tables: the regime line, the peak of each Gao fit,
+    and each mitigation verdict with its numbers."""
+    head = f"**{zoo.noise_label(level.noise)}**" + (f" ({level.policy})" if level.policy else "")
+    lines = [f"- {head}: {level.regime.line()}"]
+    for r in level.fits[level.fits["rm"] == ""].itertuples():
+        peak = (f"peaks at KL* {r.kl_star:.2f} (95% {r.kl_star_low:.2f}-{r.kl_star_high:.2f})" if r.peak_inside
+                else "no peak inside the measured KL range")
+        lines.append(f"  - {VARIANT_LABELS.get(r.variant, r.variant)}: Gao fit alpha {r.alpha:.3f}, beta {r.beta:.3f} "
+                     f"(95% {r.beta_low:.3f} to {r.beta_high:.3f}), {peak}; gold at the largest n {r.gold_drop:.3f} "
+                     f"below its peak at n = {r.n_peak} (SEM {r.gold_drop_sem:.3f}).")
+    for r in level.verdicts.itertuples():
+        lines.append(f"  - {r.label} vs BT at n = {r.n_final}: paired gold difference {r.gold_minus_bt:+.3f} "
+                     f"(SEM {r.gold_minus_bt_sem:.3f}): {r.verdict}.")
+    return "\n".join(lines)

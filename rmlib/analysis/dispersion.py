@@ -493,6 +493,29 @@ def spreading_from_records(records: list[dict], prefix: str = "") -> claims.Regi
                                          for m in claims.GROWTH_METRICS})
 
 
+def summaries_from_records(records: Mapping[str, list[dict]], sets: tuple[str, ...] = ("heldout", "ood"),
+                           train_split: str = "train") -> pd.DataFrame:
+    """``dispersion_summary``-shaped rows from each model's LAST ``NormProbeCallback`` record, no
+    extra forward: split ``train_split`` = the training probe's statistics, and one split per eval
+    probe in ``sets`` (its ``<set>_<statistic>`` values, prefix removed). Feeds ``erank_shift_table``
+    and ``dispersion_findings`` for runs trained with eval probes (the zoo of notebook 04)."""
+    rows = []
+    for model, recs in records.items():
+        if not recs:
+            raise ValueError(f"{model}: no records")
+        last = recs[-1]
+        missing = [name for name in sets if f"{name}_accuracy" not in last]
+        if missing:
+            raise ValueError(f"{model}: the last record lacks eval probe(s) {missing}")
+        prefixes = tuple(f"{name}_" for name in sets)
+        own = {k: v for k, v in last.items() if k not in (*ID_COLUMNS, *LIST_FIELDS) and not k.startswith(prefixes)}
+        rows.append({"model": model, "split": train_split, "epoch": last.get("epoch"), "step": last.get("step"), **own})
+        for name in sets:
+            stats = {k[len(name) + 1:]: v for k, v in last.items() if k.startswith(f"{name}_")}
+            rows.append({"model": model, "split": name, "epoch": last.get("epoch"), "step": last.get("step"), **stats})
+    return pd.DataFrame(rows)
+
+
 # -- comparing reward models -------------------------------------------------------------------
 def hidden_norm_frame(hidden_by_split: dict[str, HiddenStates], model: str) -> pd.DataFrame:
     """||h|| of every reply (chosen and rejected) per evaluation split, long: model, split, h_norm
@@ -550,4 +573,16 @@ def dispersion_findings(records: dict[str, list[dict]], summaries: pd.DataFrame,
     out["baseline"] = out["claim"].map(base)
     out["verdict"] = [None if m == baseline else claims.relative_verdict(v, b, want="lower")
                       for m, v, b in zip(out["model"], out["value"], out["baseline"])]
+    return out
+
+
+def mitigation_findings(findings: pd.DataFrame, bt_regime: claims.Regime) -> pd.DataFrame:
+    """``dispersion_findings`` with the claims read as mitigations (issue 19): ``rule_verdict`` keeps
+    rule 3's verdict against the baseline, ``verdict`` becomes ``claims.mitigation_verdict(bt_regime,
+    rule_verdict)`` ("keeps the spread in check" is tested only where BT spreads the hidden states,
+    ``spreading_from_records`` of the baseline); the baseline's own rows stay without a verdict."""
+    out = findings.copy()
+    out["rule_verdict"] = out["verdict"]
+    out["verdict"] = [None if v is None or (isinstance(v, float) and math.isnan(v))
+                      else claims.mitigation_verdict(bt_regime, v) for v in out["rule_verdict"]]
     return out

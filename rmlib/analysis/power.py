@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from rmlib.analysis import claims
 from rmlib.analysis.claims import Z_95, combined_sem
 
 Z_POWER = 0.84  # one-sided quantile for 80% power: scipy.stats.norm.ppf(0.80) = 0.8416
@@ -159,3 +160,22 @@ def power_statement(mdd_value: float, paper_effect: float | None = None) -> str:
     if abs(paper_effect) > mdd_value:
         return f"{head}; the paper's effect {paper_effect:+.3f} is larger: this design can detect it"
     return f"{head}; the paper's effect {paper_effect:+.3f} is smaller: this design cannot detect it"
+
+
+def mdd_verdicts(agg: pd.DataFrame, column: str, baseline: str = "bt", by: str = "variant",
+                 want: str = "higher") -> pd.DataFrame:
+    """Notebook 03's claims with their power: per (variant, ``column`` value) against ``baseline``,
+    rule 2's verdict (``claims.versus_baseline`` / ``claims.mdd_claim``: difference, noise, verdict),
+    the MDD of this design (``mdd_table``), the paper's effect and whether it is detectable here, and
+    the sentence of ``power_statement``. Columns: variant, measure, verdict, difference, noise, mdd,
+    paper_effect, detectable, paper_source, direction (higher / lower / within noise), power."""
+    base = claims.versus_baseline(agg, baseline, by=by, metric_keys=[column])
+    table = mdd_table(agg, baseline=baseline, by=by, column=column).set_index([by, column])
+    rows = []
+    for _, r in base.iterrows():
+        m = table.loc[(r[by], r[column])]
+        claim = claims.mdd_claim(r["difference"], r["noise"], m["mdd"], m["paper_effect"], want=want)
+        rows.append({"variant": r[by], "measure": r[column], **claim, "paper_source": m["paper_source"],
+                     "direction": r["verdict"], "power": power_statement(m["mdd"], m["paper_effect"])})
+    return pd.DataFrame(rows, columns=["variant", "measure", "verdict", "difference", "noise", "mdd", "paper_effect",
+                                       "detectable", "paper_source", "direction", "power"])

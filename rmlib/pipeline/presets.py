@@ -19,8 +19,8 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 PARAMS_DIR = REPO_ROOT / "params"
 
 
-# dependency order: 02 trains the reward models the others reuse
-NOTEBOOK_ORDER = ["02_train_rm", "01_norm_dispersion", "03_overopt_scenarios", "04_bon_curves", "05_rloo"]
+# dependency order: 02 trains the sanity RM; 04 trains the shared zoo (gold + proxies) that 01 and 05 read
+NOTEBOOK_ORDER = ["02_train_rm", "04_bon_curves", "01_norm_dispersion", "03_overopt_scenarios", "05_rloo"]
 
 
 # what a preset's ``requires`` may say: the hardware ``check_machine`` asks for

@@ -8,14 +8,17 @@ Reads the tables and figures notebooks 01-05 recorded in ``<run_dir>/results/man
 (``figures_dir: figures``), rewrites the block between ``<!-- results:start -->`` and
 ``<!-- results:end -->`` in README.md. A section whose notebook recorded nothing says "not run";
 without a manifest nothing is written. Nothing in it is typed by hand: each claim of the papers
-gets one line, ``reproduced`` / ``not at this scale`` / ``opposite``, computed from our numbers by
-the rules of ``rmlib.analysis.claims``.
+gets one line, ``reproduced`` / ``not at this scale`` / ``opposite`` / ``BT does not over-optimize
+here``, computed from our numbers by the rules of ``rmlib.analysis.claims``; each experiment run on
+the zoo (issue 19) also states "BT over-optimizes here: yes/no (test: numbers)" and the report quotes
+``claims.REGIME_RULES``; notebook 03's claims carry their minimum detectable difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -46,14 +49,30 @@ TRAIN, NORMS, SCENARIOS, BON, RLOO = "02_train_rm", "01_norm_dispersion", "03_ov
 FIGURE = "figure"
 READS = {
     TRAIN: ("training", FIGURE),
-    NORMS: ("findings", "erank_shift", FIGURE),
+    NORMS: ("findings", "erank_shift", "regime", FIGURE),
     SCENARIOS: ("table5", "table1", "verdicts", FIGURE),
-    BON: ("bon_summary", "meta", FIGURE),
-    RLOO: ("rloo_summary", FIGURE),
+    BON: ("bon_summary", "meta", "bon_fits", "bon_verdicts", "regime", FIGURE),
+    RLOO: ("rloo_summary", "regime", "rloo_verdicts", FIGURE),
 }
 
 
 SANITY_BAR = 0.62  # issue 3: BT on HH-RLHF, ~1,800 train / 500 held-out pairs, 256 tokens
+
+
+def _reached(value) -> bool | None:
+    """A ``reached`` cell read back from CSV (True / False / empty) as a bool or None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower())
+    return bool(value)
+
+
+def regime_lines(regime: pd.DataFrame | None) -> str:
+    """The experiment's regime lines ("BT over-optimizes here: yes/no (test: numbers)"), one bullet each."""
+    if regime is None or regime.empty:
+        return ""
+    return "\n".join(f"- {line}" for line in regime["line"]) + "\n"
 
 
 class Results:
@@ -107,8 +126,11 @@ def section_training(r: Results) -> tuple[str, list[dict]]:
 
 def section_norms(r: Results) -> tuple[str, list[dict]]:
     findings, erank = r.table(NORMS, "findings"), r.table(NORMS, "erank_shift")
+    regime = r.table(NORMS, "regime")
     if findings is None:
         return f"### 01 · Hidden-state norm dispersion\n{claims.NOT_RUN}\n", []
+    if regime is not None and "rule_verdict" in findings.columns:
+        return _section_norms_regime(r, findings, erank, regime)
     f = findings.set_index(["model", "claim"])["value"]
     models = list(dict.fromkeys(findings["model"]))
     bt = next((m for m in models if m.startswith("bt")), None)
@@ -142,6 +164,43 @@ def section_norms(r: Results) -> tuple[str, list[dict]]:
     return text, found
 
 
+NORM_CLAIMS = {"pair_dist_growth_mean": "mean ‖h_c − h_r‖ grows less than under BT",
+               "pair_dist_growth_std": "the spread of ‖h_c − h_r‖ grows less than under BT",
+               "h_norm_spread_across_splits": "‖h‖ spreads less across ID/OOD sets than under BT",
+               "erank_shift_abs_mean": "effective rank shifts less from train to eval than under BT"}
+
+
+def _section_norms_regime(r: Results, findings: pd.DataFrame, erank, regime: pd.DataFrame) -> tuple[str, list[dict]]:
+    """Notebook 01 under over-training (issue 19): the regime rows are claims of their own (BSR Fig 2:
+    BT spreads the hidden states; Zhu et al.: over-training), and every BSR §4 mitigation row carries
+    the verdict the notebook computed through ``claims.mitigation_verdict``."""
+    baseline = next((m for m in findings["model"] if findings.loc[findings["model"] == m, "verdict"].isna().all()),
+                    findings["model"].iloc[0])
+    found = []
+    for row in regime.itertuples():
+        if row.model != baseline:
+            continue
+        claim = ("under BT, ‖h_c − h_r‖ or the CV of ‖h‖ grows epoch over epoch (BSR Fig 2)" if row.regime == "spreading"
+                 else "BT training reaches over-training: train accuracy saturates, held-out worsens (Zhu et al.)")
+        found.append({"claim": f"{claim} [{row.model}]", "ours": row.numbers,
+                      "verdict": claims.observed_verdict(_reached(row.reached))})
+    for row in findings.itertuples():  # the papers' claims are about BSR / GRM against BT: other BT runs are context
+        if row.model == baseline or row.claim not in NORM_CLAIMS or str(row.model).split()[0] == "bt":
+            continue
+        found.append({"claim": f"{row.model}: {NORM_CLAIMS[row.claim]} (BSR §4)",
+                      "ours": f"{row.value:.3f} vs BT {row.baseline:.3f} (rule: {row.rule_verdict})",
+                      "verdict": row.verdict})
+    shifts = ""
+    if erank is not None:
+        shifts = markdown_table(erank.pivot(index="model", columns="split", values="shift").round(2).reset_index())
+    shown = findings[["model", "claim", "value", "baseline", "rule_verdict", "verdict"]]
+    text = (f"### 01 · Hidden-state norm dispersion (BSR §4)\n\n{regime_lines(regime)}\n"
+            f"{markdown_table(shown.round(4))}\n\n"
+            f"Effective-rank shift, eval set minus training probe:\n\n{shifts}\n\nPaper: {PAPER['erank']}.\n\n"
+            f"{r.figures(NORMS)}\n")
+    return text, found
+
+
 def section_scenarios(r: Results) -> tuple[str, list[dict]]:
     t5, t1, verdicts = (r.table(SCENARIOS, role) for role in ("table5", "table1", "verdicts"))
     if t5 is None or t1 is None:
@@ -154,12 +213,23 @@ def section_scenarios(r: Results) -> tuple[str, list[dict]]:
         for _, v in verdicts.iterrows():
             if v["variant"] not in ("bsr", "grm", "bsr_grm") or v["measure"] == "ID (Val1)":  # Val1 is in Table 5 too
                 continue
+            ours = f"{v['difference']:+.4f} (noise {v['noise']:.4f})"
+            if "mdd" in verdicts.columns:  # issue 19: the smallest detectable difference beside the paper's effect
+                effect = v.get("paper_effect")
+                ours += (f"; MDD {v['mdd']:.4f}" + (f", paper {effect:+.4f}" if pd.notna(effect) else "")
+                         + ("" if pd.isna(v.get("detectable")) else
+                            " (detectable)" if str(v["detectable"]).lower() == "true" else " (not detectable here)"))
             found.append({"claim": f"{v['variant']} above BT on {v['measure']} (BSR Table 5 / GRM Table 1)",
-                          "ours": f"{v['difference']:+.4f} (noise {v['noise']:.4f})",
-                          "verdict": claims.noise_verdict(v["difference"], v["noise"], want="higher")})
+                          "ours": ours, "verdict": claims.noise_verdict(v["difference"], v["noise"], want="higher")})
+    power = ""
+    if verdicts is not None and "mdd" in verdicts.columns:
+        cols = [c for c in ["variant", "measure", "difference", "noise", "verdict", "mdd", "paper_effect", "detectable"]
+                if c in verdicts.columns]
+        power = ("Every claim with its minimum detectable difference (MDD: 95% two-sided, 80% power, "
+                 f"`rmlib.analysis.power`) beside the paper's effect:\n\n{markdown_table(verdicts[cols].round(4))}\n\n")
     text = (f"### 03 · Four over-optimization scenarios (BSR Table 5 shape, AlpacaEval GPT-4 gold)\n\n"
             f"Val1: pairwise accuracy; Val2-4: mean per-prompt Kendall tau-b vs gold; seed means.\n\n"
-            f"{markdown_table(wide5)}\n\nPairwise accuracy in and out of distribution (GRM Table 1 shape):\n\n"
+            f"{markdown_table(wide5)}\n\n{power}Pairwise accuracy in and out of distribution (GRM Table 1 shape):\n\n"
             f"{markdown_table(wide1)}\n\nPaper (different data and scale):\n\n"
             f"{markdown_table(PAPER['table1'].reset_index(names='model'))}\n\n{r.figures(SCENARIOS)}\n")
     return text, found
@@ -169,6 +239,9 @@ def section_bon(r: Results) -> tuple[str, list[dict]]:
     summary, meta = r.table(BON, "bon_summary"), r.json(BON, "meta")
     if summary is None:
         return f"### 04 · Best-of-N with a synthetic gold\n{claims.NOT_RUN}\n", []
+    regime = r.table(BON, "regime")
+    if regime is not None and "noise" in summary.columns:
+        return _section_bon_regime(r, summary, meta, regime)
     found = []
     for policy, g in summary.groupby("policy", sort=False):
         rows = g.set_index("variant")
@@ -194,10 +267,51 @@ def section_bon(r: Results) -> tuple[str, list[dict]]:
     return text, found
 
 
+def _section_bon_regime(r: Results, summary: pd.DataFrame, meta, regime: pd.DataFrame) -> tuple[str, list[dict]]:
+    """Notebook 04 on the zoo (issue 19): per policy and noise level the line "BT over-optimizes here"
+    (``claims.bon_overoptimizes``) and the mitigation rows the notebook computed (``bon_verdicts``:
+    ``claims.mitigation_verdict``); the Gao fits of every variant."""
+    found = []
+    for row in regime.itertuples():
+        found.append({"claim": f"BT over-optimizes in Best-of-N at {row.noise:.0%} label noise (Gao et al.; GRM Fig 2)",
+                      "ours": row.numbers, "verdict": claims.observed_verdict(_reached(row.reached))})
+    verdicts, fits = r.table(BON, "bon_verdicts"), r.table(BON, "bon_fits")
+    if verdicts is not None:
+        for v in verdicts.itertuples():
+            found.append({"claim": f"{v.label}: its best-of-n pick keeps more gold than BT's at the largest n, "
+                                   f"{v.noise:.0%} label noise (GRM Fig 2; Coste et al.)",
+                          "ours": f"{v.gold_minus_bt:+.3f} (SEM {v.gold_minus_bt_sem:.3f}; rule: {v.rule_verdict})",
+                          "verdict": v.verdict})
+    cols = ["policy", "noise", "variant", "n_seeds", "n_final", "kl_final", "proxy_norm_final", "gold_norm_final",
+            "n_gold_peak", "gold_minus_bt", "gold_minus_bt_sem"]
+    fit_text = ""
+    if fits is not None:
+        fcols = ["policy", "noise", "variant", "n_members", "alpha", "beta", "beta_low", "beta_high", "kl_star",
+                 "kl_star_low", "kl_star_high", "peak_inside", "n_peak", "gold_drop", "gold_drop_sem"]
+        rows = fits[fits["rm"].isna() | (fits["rm"] == "")]
+        fit_text = (f"Gao fit gold(d) = d(alpha - beta d), d = sqrt(KL_bon), 95% bootstrap intervals over prompts:\n\n"
+                    f"{markdown_table(rows[[c for c in fcols if c in rows]].round(4))}\n\n")
+    report = (meta or {}).get("report", "")
+    text = (f"### 04 · Best-of-N with a synthetic gold (GRM Fig 2 shape)\n\n{regime_lines(regime)}\n"
+            f"{markdown_table(summary[[c for c in cols if c in summary]].round(4))}\n\n{fit_text}{report}\n\n"
+            f"{r.figures(BON)}\n")
+    return text, found
+
+
 def section_rloo(r: Results) -> tuple[str, list[dict]]:
     summary = r.table(RLOO, "rloo_summary")
     if summary is None:
         return f"### 05 · RLOO against the learned reward models\n{claims.NOT_RUN}\n", []
+    regime, verdicts = r.table(RLOO, "regime"), r.table(RLOO, "rloo_verdicts")
+    if regime is not None and verdicts is not None:
+        found = [{"claim": f"RLOO against {row.proxy} (beta {row.beta:g}) over-optimizes: gold falls while proxy rises "
+                           "(Gao et al.; Coste et al.)",
+                  "ours": row.numbers, "verdict": claims.observed_verdict(_reached(row.reached))}
+                 for row in regime.itertuples() if row.proxy == "bt"]
+        found += [{"claim": v.claim, "ours": v.ours, "verdict": v.verdict} for v in verdicts.itertuples()]
+        kl = f"KL reached: {summary['kl'].max():.2f} nats (issue 19's target: 10).\n\n" if "kl" in summary else ""
+        return (f"### 05 · RLOO against the learned reward models (BSR §3.2-3.3)\n\n{regime_lines(regime)}\n{kl}"
+                f"{markdown_table(summary.round(4))}\n\n{r.figures(RLOO)}\n"), found
     found = []
     s = summary.set_index("run")
     if {"bt", "bsr"} <= set(s.index):
@@ -230,7 +344,9 @@ def build(run_dir: str | Path, rel_to: Path = REPO_ROOT, preset: str = "") -> st
             f"(the `{preset}` preset). Verdict rules: {claims.RULES}; `not at this scale` means the difference is "
             f"inside that bar.\n")
     table = markdown_table(pd.DataFrame(found, columns=["claim", "ours", "verdict"])) if found else "no claims evaluated"
-    return "\n".join([head, "#### Claims of the papers, checked", table, "", *parts])
+    regime = (f"Over-optimization regime (issue 19, rules fixed before the run, `rmlib.analysis.claims.REGIME_RULES`): "
+              f"{claims.REGIME_RULES}.\n")
+    return "\n".join([head, regime, "#### Claims of the papers, checked", table, "", *parts])
 
 
 def update_readme(block: str, readme: Path = REPO_ROOT / "README.md") -> Path:
