@@ -16,8 +16,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rmlib.model import assets
 from rmlib.model.encoding import format_prompt
-from rmlib.model.reward_model import (ModelSpec, build_reward_model, load_reward_model,
-                                      save_reward_model)
+from rmlib.model.reward_model import (
+    ModelSpec,
+    build_reward_model,
+    load_reward_model,
+    save_reward_model,
+)
 
 
 def _stored_dtypes(folder: Path) -> dict[str, set[torch.dtype]]:
