@@ -59,3 +59,23 @@ def hh_pairs():
     from rmlib.data import load_hh_rlhf
 
     return load_hh_rlhf().dataset
+
+
+TOY_REPLIES = [
+    ("Sure, here is a careful answer with details.", "No."),
+    ("I can help with that safely.", "Figure it out yourself."),
+    ("Here are three options to consider.", "Whatever."),
+    ("Let me explain step by step.", "I won't."),
+]
+
+
+def toy_pairs(id_prefix: str, n: int = 16):
+    """``n`` preference pairs whose chosen reply is always the helpful one (ids ``<id_prefix>:<i>``)."""
+    from datasets import Dataset
+
+    rows = []
+    for i in range(n):
+        c, r = TOY_REPLIES[i % len(TOY_REPLIES)]
+        rows.append({"id": f"{id_prefix}:{i}", "prompt": [{"role": "user", "content": f"Question number {i}?"}],
+                     "chosen": c, "rejected": r})
+    return Dataset.from_list(rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from conftest import toy_pairs
 
 pytestmark = pytest.mark.gpu
 
@@ -21,22 +21,9 @@ FP32_TOL = dict(atol=1e-4, rtol=1e-4)
 # rounding); through a few layers the reward moves by a few hundredths of its scale
 BF16_TOL = dict(atol=5e-2, rtol=5e-2)
 
-REPLIES = [
-    ("Sure, here is a careful answer with details.", "No."),
-    ("I can help with that safely.", "Figure it out yourself."),
-    ("Here are three options to consider.", "Whatever."),
-    ("Let me explain step by step.", "I won't."),
-]
-
-
 @pytest.fixture(scope="module")
 def pairs():
-    rows = []
-    for i in range(16):
-        c, r = REPLIES[i % len(REPLIES)]
-        rows.append({"id": f"g:{i}", "prompt": [{"role": "user", "content": f"Question number {i}?"}],
-                     "chosen": c, "rejected": r})
-    return Dataset.from_list(rows)
+    return toy_pairs("g")
 
 
 def test_auto_precision_is_bf16_autocast_on_this_gpu():

@@ -384,12 +384,7 @@ def _step_with_sampling(capture: bool, backbone, rm_dir, tokenizer, out, **kw):
         return got
 
     t._generate_single_turn = counted
-    torch.manual_seed(0)
-    output = t._generate_and_score_completions(_inputs())
-    rewards = list(t._logs["rewards"]["proxy_rm"])
-    loss = t._compute_loss(t.model, output)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    output, rewards, loss, grads = _score(t)
     return dict(trainer=t, out=output, rewards=rewards, loss=loss, grads=grads, calls=dict(calls), **sampled)
 
 

@@ -7,28 +7,17 @@ import json
 
 import pytest
 import torch
+from conftest import toy_pairs
 from datasets import Dataset
 
 from rmlib.model.reward_model import load_reward_model
 from rmlib.reward.config import RMConfig
 from rmlib.reward.trainer import last_checkpoint, log_history_frame, train_reward_model
 
-REPLIES = [
-    ("Sure, here is a careful answer with details.", "No."),
-    ("I can help with that safely.", "Figure it out yourself."),
-    ("Here are three options to consider.", "Whatever."),
-    ("Let me explain step by step.", "I won't."),
-]
-
 
 @pytest.fixture(scope="module")
 def pairs():
-    rows = []
-    for i in range(16):
-        c, r = REPLIES[i % len(REPLIES)]
-        rows.append({"id": f"t:{i}", "prompt": [{"role": "user", "content": f"Question number {i}?"}],
-                     "chosen": c, "rejected": r})
-    return Dataset.from_list(rows)
+    return toy_pairs("t")
 
 
 def _config(tmp_path, backbone, **kw):
