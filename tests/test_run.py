@@ -62,7 +62,7 @@ def test_values_are_read_as_yaml_and_an_int_is_taken_for_a_float():
 
 def test_the_preset_is_the_starting_point():
     cpu = run.build_parameters("03_overopt_scenarios", [])
-    assert cpu["params"]["n_train_pairs"] == 400 and cpu["params"]["run_dir"] == "runs/cpu"
+    assert cpu["params"]["n_train_pairs"] == 300 and cpu["params"]["run_dir"] == "runs/cpu"
     assert cpu["params"]["figures_dir"] == "figures" and not cpu["changed"]
     assert cpu["params"]["batch_size"] == 4  # not in the preset: the notebook's default
     smoke = run.build_parameters("03_overopt_scenarios", [], "smoke")
@@ -93,7 +93,7 @@ def test_run_dir_and_figures_dir_given_by_the_user_are_kept():
 def test_dry_run_prints_the_final_parameters(capsys, no_execution):
     assert run.main(["03_overopt_scenarios", "-p", "n_train_pairs", "600", "-p", "variants", "[bt, grm]", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "n_train_pairs: 600" in out and "variants: [bt, grm]" in out and "max_prompts_per_split: 100" in out
+    assert "n_train_pairs: 600" in out and "variants: [bt, grm]" in out and "max_prompts_per_split: 50" in out
     run_dir = run.build_parameters("03_overopt_scenarios", [("n_train_pairs", "600"), ("variants", "[bt, grm]")])[
         "params"]["run_dir"]
     assert f"run_dir: {run_dir}" in out and f"figures_dir: {run_dir}/figures" in out
